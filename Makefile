@@ -1,0 +1,41 @@
+# Two set-up commands on a fresh clone: `make run` (install + run the worker in local mode)
+# and `make test` (install + the whole test suite). Everything else is optional.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+UV     := $(BIN)/uv
+
+.PHONY: run test install install-dev lint typecheck lock bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==0.13.9
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(UV) pip install --quiet --python $(BIN)/python -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(UV) pip install --quiet --python $(BIN)/python -r requirements.txt -r requirements-dev.txt
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(BIN)/python transfer_worker.py run
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check transfer_worker.py
+	$(BIN)/mypy transfer_worker.py
+
+lock: | $(BIN)/python
+	$(UV) pip compile --quiet requirements.in -o requirements.txt
+	$(UV) pip compile --quiet requirements-dev.in -o requirements-dev.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
