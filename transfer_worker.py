@@ -114,7 +114,7 @@ class Config:
         300,
         "seconds a received message stays hidden; extended "
         "every third of it while its transfer runs",
-        minimum=10,
+        minimum=1,
     )
     drain_timeout: int = _setting(
         60, "seconds in-flight transfers get to finish after SIGTERM", minimum=0
@@ -423,6 +423,10 @@ class Publisher(Protocol):
 class MessageQueue(Protocol):
     """At-least-once delivery. ``close()`` hands back what was received but not started."""
 
+    # How long one receive() may block. A shutdown is noticed only between receives, so queues
+    # whose polling is free (SQLite, the Pub/Sub client's buffer) keep it short; SQS polls 20 s.
+    receive_wait: float
+
     def receive(self, max_messages: int, wait_seconds: float) -> list[Message]: ...
 
     def ack(self, message: Message) -> None: ...
@@ -527,6 +531,18 @@ class LocalObjectStore:
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise PermanentError(f"{self.root} is not writable", reason="destination_error")
+
+    def sweep_temporary(self, max_age: float) -> int:
+        """Delete upload temp files that a killed worker left behind. A live upload writes its
+        file continuously, so anything untouched for ``max_age`` seconds is an orphan."""
+        removed = 0
+        cutoff = time.time() - max_age
+        for path in self.tmp_dir.glob("upload-*") if self.tmp_dir.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     # -- paths and metadata --------------------------------------------------------------------
 
@@ -649,6 +665,8 @@ class LocalQueue:
             created_at REAL NOT NULL);
     """
 
+    receive_wait = 1.0  # polling SQLite is cheap; a short wait keeps shutdown prompt
+
     def __init__(
         self,
         path: str | Path,
@@ -710,7 +728,7 @@ class LocalQueue:
                 "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
                 "receipt = ? "
                 "WHERE id IN (SELECT id FROM messages WHERE visible_at <= ? "
-                "ORDER BY priority, id LIMIT ?) RETURNING id, body, receive_count",
+                "ORDER BY priority, id LIMIT ?) RETURNING priority, id, body, receive_count",
                 (now + self.visibility_timeout, receipt, now, max_messages),
             ).fetchall()
         return [
@@ -721,7 +739,7 @@ class LocalQueue:
                 message_id=str(msg_id),
                 received_at=now,
             )
-            for msg_id, body, count in sorted(rows)
+            for _, msg_id, body, count in sorted(rows)  # RETURNING has no defined order
         ]
 
     def ack(self, message: Message) -> None:
@@ -1231,6 +1249,7 @@ class Worker:
         self.stop_event = threading.Event()
         self._in_flight: dict[int, Message] = {}
         self._in_flight_lock = threading.Condition()
+        self._stop_requested_at: float | None = None
         self._next_id = 0
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -1247,7 +1266,7 @@ class Worker:
                 free = self._wait_for_free_slot()
                 if free == 0:
                     continue
-                messages = self.queue.receive(min(free, 10), 1.0 if once else 5.0)
+                messages = self.queue.receive(min(free, 10), self.queue.receive_wait)
                 if once and not messages and not self.in_flight():
                     break
                 self._start_all(messages)
@@ -1259,6 +1278,7 @@ class Worker:
 
     def stop(self) -> None:
         """Stop receiving; run() then drains. Safe to call from a signal handler (sets a flag)."""
+        self._stop_requested_at = time.monotonic()  # the drain timeout counts from the signal
         self.stop_event.set()
 
     def in_flight(self) -> list[Message]:
@@ -1300,7 +1320,7 @@ class Worker:
         """Give in-flight transfers the drain timeout, then hand back whatever is still running."""
         if self.readiness:
             self.readiness.draining.set()
-        deadline = time.monotonic() + self.config.drain_timeout
+        deadline = (self._stop_requested_at or time.monotonic()) + self.config.drain_timeout
         with self._in_flight_lock:
             self._in_flight_lock.wait_for(
                 lambda: not self._in_flight, timeout=max(0.0, deadline - time.monotonic())
@@ -1770,6 +1790,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     checks: dict[str, Callable[[], None]] = {"queue": queue.check}
     checks.update({f"store:{name}": store.check for name, store in stores.items()})
     readiness = Readiness(checks)
+    for store in stores.values():
+        if isinstance(store, LocalObjectStore):
+            store.sweep_temporary(max(3600.0, 2.0 * config.visibility_timeout))
     worker = Worker(
         config,
         queue,
