@@ -4,11 +4,13 @@ that must wait for a real process wait on bounded polls."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1003,11 +1005,14 @@ def test_cli_happy_path_both_directions(cli: Cli, root: Path, src: str, dst: str
         event["eventId"],
         len(data),
     )
-    meta = json.loads(
-        (root / ".metadata" / dst / "dest-bucket" / "out" / "data.bin.json").read_text()
-    )
-    assert meta["metadata"]["sha256"] == sha(data)
-    assert meta["metadata"]["transfer-event-id"] == event["eventId"]
+    with contextlib.closing(sqlite3.connect(root / "metadata.db")) as db:
+        [(record,)] = db.execute(
+            "SELECT metadata FROM objects WHERE provider=? AND bucket='dest-bucket' "
+            "AND key='out/data.bin'",
+            (dst,),
+        ).fetchall()
+    assert json.loads(record)["sha256"] == sha(data)
+    assert json.loads(record)["transfer-event-id"] == event["eventId"]
 
 
 def test_cli_duplicate_event_is_a_skip(cli: Cli, root: Path):
@@ -1261,9 +1266,9 @@ def test_sweep_removes_only_orphaned_upload_files(stores, root: Path):
     orphan = store.open_write(
         tw.ObjectRef("gcp_gcs", "dest-bucket", "other"), size=1, content_type="x/y", metadata={}
     )
-    orphan.handle.close()
+    os.close(orphan.fd)
     old = time.time() - 7200
-    os.utime(orphan.handle.name, (old, old))
+    os.utime(orphan.temp, (old, old))
     assert store.sweep_temporary(3600) == 1
-    assert [p.name for p in (root / ".tmp").iterdir()] == [Path(live.handle.name).name]
+    assert [p.name for p in (root / ".tmp").iterdir()] == [live.temp.name]
     live.abort()

@@ -37,13 +37,14 @@ import re
 import signal
 import socket
 import sqlite3
+import stat
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
+from queue import SimpleQueue
 from typing import IO, Any, Protocol, TextIO
 
 import jsonschema
@@ -450,34 +451,71 @@ class MessageQueue(Protocol):
 # =================================================================================================
 
 
+class LocalMetadata:
+    """Object metadata of local mode in ``<root>/metadata.db``, outside the object trees. Each
+    record carries the stat of the file it describes, so a file replaced by hand is never
+    described by stale metadata. One instance is shared by the stores of one root."""
+
+    def __init__(self, root: str | Path) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            Path(root) / "metadata.db", timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS objects (provider TEXT, bucket TEXT, key TEXT, "
+            "stat TEXT NOT NULL, metadata TEXT NOT NULL, PRIMARY KEY (provider, bucket, key))"
+        )
+
+    def get(self, ref: ObjectRef, version: str) -> dict[str, str]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT stat, metadata FROM objects WHERE provider=? AND bucket=? AND key=?",
+                (ref.provider, ref.bucket, ref.key),
+            ).fetchone()
+        return json.loads(row[1]) if row and row[0] == version else {}
+
+    def put(self, ref: ObjectRef, version: str, metadata: Mapping[str, str]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?)",
+                (ref.provider, ref.bucket, ref.key, version, json.dumps(metadata)),
+            )
+
+
 class LocalObjectStore:
     """Buckets as directories: ``<root>/<provider>/<bucket>/<key>`` is a plain file, so people can
-    drop sources in and inspect results with ordinary tools. Metadata lives in a parallel tree,
-    ``<root>/.metadata/...json``, tagged with the file's stat so a file replaced by hand is never
-    described by stale metadata. Uploads go to ``<root>/.tmp`` (same filesystem), are fsynced, and
-    are renamed into place only at commit."""
+    drop sources in and inspect results with ordinary tools. Uploads go to ``<root>/.tmp`` (same
+    filesystem), are fsynced, and are renamed into place only at commit; metadata is recorded in
+    LocalMetadata after the rename."""
 
     late_metadata_limit = sys.maxsize
 
-    def __init__(self, root: str | Path, provider: str, *, chunk_size: int = MiB) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        provider: str,
+        *,
+        chunk_size: int = MiB,
+        metadata: LocalMetadata | None = None,
+    ) -> None:
         self.root = Path(root)
         self.provider = provider
         self.chunk_size = chunk_size
         self.tmp_dir = self.root / ".tmp"
+        self.metadata = metadata or LocalMetadata(root)
 
     def head(self, ref: ObjectRef) -> ObjectInfo | None:
         path = self._path(ref)
         try:
             st = path.stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as exc:
-            raise PermanentError(
-                f"cannot stat {ref.uri}: {exc}", reason="source_not_found"
-            ) from exc
-        if not path.is_file():
+        if not stat.S_ISREG(st.st_mode):
             return None
-        meta = self._read_metadata(ref, st)
+        meta = dict(self.metadata.get(ref, _stat_version(st)))
         return ObjectInfo(
             size=st.st_size,
             version=_stat_version(st),
@@ -516,16 +554,15 @@ class LocalObjectStore:
         self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
     ) -> LocalUpload:
         path = self._path(ref)
+        temp = self.tmp_dir / f"upload-{uuid.uuid4().hex}"
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by commit() or abort()
-                dir=self.tmp_dir, prefix="upload-", delete=False
-            )
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise PermanentError(
                 f"cannot write {ref.uri}: {exc}", reason="destination_error"
             ) from exc
-        return LocalUpload(self, ref, path, handle, content_type)
+        return LocalUpload(self, ref, path=path, temp=temp, fd=fd, content_type=content_type)
 
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -544,35 +581,23 @@ class LocalObjectStore:
                     removed += 1
         return removed
 
-    # -- paths and metadata --------------------------------------------------------------------
-
     def bucket_dir(self, bucket: str) -> Path:
         return self.root / self.provider / bucket
 
     def _path(self, ref: ObjectRef) -> Path:
-        """The file of ``ref``, refusing any key that would resolve outside its bucket directory,
-        including through a symlink planted inside the bucket."""
+        """The file of ``ref``. The key was already refused if it has '..', '.', a leading '/' or
+        a control character; what is left is a symlink inside the bucket pointing elsewhere, so
+        no component below the bucket directory may be a symlink."""
         check_key(ref.key)
-        bucket_dir = self.bucket_dir(ref.bucket)
-        path = bucket_dir / ref.key
-        real_bucket = os.path.realpath(bucket_dir)
-        if os.path.islink(path) or not os.path.realpath(path).startswith(real_bucket + os.sep):
-            raise InvalidEvent(
-                f"key {ref.key!r} resolves outside bucket {ref.bucket!r}", reason="invalid_key"
-            )
+        path = self.bucket_dir(ref.bucket)
+        for part in ref.key.split("/"):
+            path = path / part
+            if os.path.islink(path):
+                raise InvalidEvent(
+                    f"key {ref.key!r} passes through a symlink in bucket {ref.bucket!r}",
+                    reason="invalid_key",
+                )
         return path
-
-    def metadata_path(self, ref: ObjectRef) -> Path:
-        return self.root / ".metadata" / self.provider / ref.bucket / f"{ref.key}.json"
-
-    def _read_metadata(self, ref: ObjectRef, st: os.stat_result) -> dict[str, str]:
-        try:
-            record = json.loads(self.metadata_path(ref).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        if record.get("stat") != _stat_version(st):
-            return {}  # the file was replaced by something other than this worker
-        return dict(record.get("metadata", {}))
 
 
 def _stat_version(st: os.stat_result) -> str:
@@ -586,30 +611,31 @@ class LocalUpload:
         self,
         store: LocalObjectStore,
         ref: ObjectRef,
+        *,
         path: Path,
-        handle: IO[bytes],
+        temp: Path,
+        fd: int,
         content_type: str,
     ) -> None:
-        self.store, self.ref, self.path, self.handle = store, ref, path, handle
+        self.store, self.ref, self.path, self.temp, self.fd = store, ref, path, temp, fd
         self.content_type = content_type
 
     def write(self, chunk: bytes) -> None:
-        self.handle.write(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self.fd, view) :]
 
     def commit(self, metadata: Mapping[str, str]) -> None:
         try:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.handle.close()
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.store._path(self.ref)  # re-check: a symlink may have appeared since open_write
-            os.replace(self.handle.name, self.path)
-            _fsync_dir(self.path.parent)
-            record = {
-                "stat": _stat_version(self.path.stat()),
-                "metadata": {**metadata, "content-type": self.content_type},
-            }
-            _atomic_write(self.store.metadata_path(self.ref), json.dumps(record).encode())
+            os.replace(self.temp, self.path)
+            _fsync_dir(self.path.parent)  # the rename itself must reach the disk before the ack
+            record = {**metadata, "content-type": self.content_type}
+            self.store.metadata.put(self.ref, _stat_version(self.path.stat()), record)
         except OSError as exc:
             self.abort()
             raise PermanentError(
@@ -617,27 +643,19 @@ class LocalUpload:
             ) from exc
 
     def abort(self) -> None:
-        self.handle.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.handle.name)
+            os.unlink(self.temp)
 
 
 def _fsync_dir(path: Path) -> None:
-    """Persist a rename: the directory entry must reach the disk too."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
 
 
 class LocalQueue:
@@ -1250,6 +1268,7 @@ class Worker:
         self._in_flight: dict[int, Message] = {}
         self._in_flight_lock = threading.Condition()
         self._stop_requested_at: float | None = None
+        self._work: SimpleQueue[tuple[int, Message] | None] = SimpleQueue()
         self._next_id = 0
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -1258,6 +1277,7 @@ class Worker:
         """Work until stop() (or, with ``once``, until the queue is empty), then drain."""
         heartbeat = Heartbeat(self.queue, self.in_flight, self.config.visibility_timeout, self.log)
         heartbeat.start()
+        self._start_pool()
         self.log.info(
             "Worker started", worker_id=self.config.worker_id, concurrency=self.config.concurrency
         )
@@ -1266,12 +1286,18 @@ class Worker:
                 free = self._wait_for_free_slot()
                 if free == 0:
                     continue
-                messages = self.queue.receive(min(free, 10), self.queue.receive_wait)
-                if once and not messages and not self.in_flight():
+                # --once never waits on an empty queue: it waits for its own transfers instead,
+                # and stops when both are done.
+                messages = self.queue.receive(
+                    min(free, 10), 0.0 if once else self.queue.receive_wait
+                )
+                if once and not messages and not self._wait_for_a_transfer():
                     break
                 self._start_all(messages)
         finally:
             self._drain()
+            for _ in range(self.config.concurrency):
+                self._work.put(None)  # idle pool threads end; busy ones were handed back
             heartbeat.stop()
             self.queue.close()
             self.log.info("Worker stopped", worker_id=self.config.worker_id)
@@ -1293,18 +1319,33 @@ class Worker:
             )
             return self.config.concurrency - len(self._in_flight)
 
+    def _wait_for_a_transfer(self) -> bool:
+        """Wait until one in-flight transfer ends; False when none was running."""
+        with self._in_flight_lock:
+            running = len(self._in_flight)
+            if running:
+                self._in_flight_lock.wait_for(lambda: len(self._in_flight) < running, timeout=1.0)
+            return running > 0
+
     def _start_all(self, messages: list[Message]) -> None:
         for message in messages:
             if self.stop_event.is_set():  # received after the stop request: never started
-                self.queue.retry_later(message, 0)
+                self._settle_quietly(functools.partial(self.queue.retry_later, message, 0))
                 continue
             with self._in_flight_lock:
                 self._next_id += 1
-                slot = self._next_id
-                self._in_flight[slot] = message
-            threading.Thread(
-                target=self._run_one, args=(slot, message), daemon=True, name=f"transfer-{slot}"
-            ).start()
+                self._in_flight[self._next_id] = message
+            self._work.put((self._next_id, message))
+
+    def _start_pool(self) -> None:
+        """A fixed pool of named threads: starting a thread per message costs more than a small
+        transfer does."""
+        for number in range(1, self.config.concurrency + 1):
+            threading.Thread(target=self._pool_loop, name=f"transfer-{number}", daemon=True).start()
+
+    def _pool_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            self._run_one(*item)
 
     def _run_one(self, slot: int, message: Message) -> None:
         self.metrics.in_flight.inc()
@@ -1574,8 +1615,11 @@ COMMANDS = ("run", "submit", "validate", "dlq")
 
 def build_stores(config: Config) -> dict[str, ObjectStore]:
     if config.storage == "local":
+        metadata = LocalMetadata(config.local_root)
         return {
-            p: LocalObjectStore(config.local_root, p, chunk_size=config.chunk_size)
+            p: LocalObjectStore(
+                config.local_root, p, chunk_size=config.chunk_size, metadata=metadata
+            )
             for p in PROVIDERS
         }
     return {name: factory(config) for name, factory in CLOUD_STORES.items()}
