@@ -1026,9 +1026,9 @@ def test_cli_duplicate_event_is_a_skip(cli: Cli, root: Path):
 
 def test_cli_bad_inputs_each_end_in_the_dead_letter_queue(cli: Cli, root: Path):
     put_source(root, "aws_s3", "source-bucket", "in/data.bin", b"payload")
-    readonly = root / "gcp_gcs" / "readonly-bucket"
-    readonly.mkdir(parents=True)
-    readonly.chmod(0o500)
+    # a bucket whose directory cannot be created (a file is in the way): writing must fail
+    (root / "gcp_gcs").mkdir(parents=True)
+    (root / "gcp_gcs" / "blocked-bucket").write_bytes(b"not a directory")
     cases = {
         "invalid_event": [
             b"this is not json",
@@ -1041,13 +1041,12 @@ def test_cli_bad_inputs_each_end_in_the_dead_letter_queue(cli: Cli, root: Path):
         "checksum_mismatch": [body(make_event(checksum="0" * 64))],
         "message_too_large": [body({**make_event(), "pad": "x" * 300_000})],
     }
-    if os.geteuid() != 0:  # root ignores directory permissions
-        cases["destination_error"] = [body(make_event(dst=("gcp_gcs", "readonly-bucket", "k")))]
+    cases["destination_error"] = [body(make_event(dst=("gcp_gcs", "blocked-bucket", "k")))]
     for raws in cases.values():
         for raw in raws:
             result = cli.run("submit", "--no-validate", "-", stdin=raw)
             assert result.returncode == 0, result.stderr
-    allowed = "aws_s3:source-bucket,gcp_gcs:dest-bucket,gcp_gcs:readonly-bucket"
+    allowed = "aws_s3:source-bucket,gcp_gcs:dest-bucket,gcp_gcs:blocked-bucket"
     result = cli.run("run", "--once", "--allowed-buckets", allowed)
     assert result.returncode == 0
     envelopes = cli.dlq()
@@ -1272,3 +1271,46 @@ def test_sweep_removes_only_orphaned_upload_files(stores, root: Path):
     assert store.sweep_temporary(3600) == 1
     assert [p.name for p in (root / ".tmp").iterdir()] == [live.temp.name]
     live.abort()
+
+
+class ChangingSourceStore(tw.LocalObjectStore):
+    """Rewrites the source in place while the first read is under way, as a producer might."""
+
+    changes_left = 1
+
+    def _chunks(self, handle, path, ref, info):  # type: ignore[no-untyped-def]
+        for number, chunk in enumerate(super()._chunks(handle, path, ref, info)):
+            if number == 0 and self.changes_left:
+                self.changes_left -= 1
+                with path.open("r+b") as rewrite:
+                    rewrite.write(b"Z" * 16)
+            yield chunk
+
+
+def test_a_source_changed_mid_transfer_is_retried_from_the_start(root: Path):
+    data = os.urandom(300_000)
+    put_source(root, "aws_s3", "source-bucket", "in/data.bin", data)
+    stores = tw.build_stores(tw.Config(local_root=str(root)))
+    changing = ChangingSourceStore(root, "aws_s3", chunk_size=64 * 1024)
+    h = Harness(root, stores={**stores, "aws_s3": changing})
+    h.submit(make_event())
+    h.run_once()
+    final = (root / "aws_s3" / "source-bucket" / "in" / "data.bin").read_bytes()
+    assert final[:16] == b"Z" * 16
+    assert (root / "gcp_gcs" / "dest-bucket" / "out" / "data.bin").read_bytes() == final
+    assert (
+        h.metric(
+            "retry_count_total",
+            source_provider="aws_s3",
+            destination_provider="gcp_gcs",
+            reason="source_changed",
+        )
+        == 1
+    )
+
+
+def test_readme_documents_every_setting():
+    readme = (HERE / "README.md").read_text()
+    for field in tw.Config.__dataclass_fields__:
+        row_start = f"| `--{field.replace('_', '-')}` | `TRANSFER_WORKER_{field.upper()}` |"
+        assert row_start in readme, f"README configuration table lacks {field}"
