@@ -868,9 +868,7 @@ def test_ready_reports_unreachable_dependencies_by_name():
 
 def test_http_server_thread_serves_and_survives_bad_clients():
     metrics = tw.Metrics()
-    server, thread = tw.start_http_server(
-        tw.make_wsgi_app(metrics, tw.Readiness({})), 0, host="127.0.0.1"
-    )
+    server, thread = tw.start_http_server(tw.make_wsgi_app(metrics, tw.Readiness({})), 0)
     port = server.server_address[1]
     try:
         slow = socket_connect(port)  # a client that never finishes its request
@@ -913,6 +911,7 @@ class Cli:
             **os.environ,
             "TRANSFER_WORKER_LOCAL_ROOT": str(root),
             "TRANSFER_WORKER_HTTP_PORT": "0",
+            "TRANSFER_WORKER_HTTP_HOST": "127.0.0.1",
             "PYTHONUNBUFFERED": "1",
         }
 

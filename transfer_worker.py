@@ -106,6 +106,11 @@ class Config:
     overwrite: str = _setting(
         "different", "when an existing destination is replaced", choices=OVERWRITE_POLICIES
     )
+    # Probes and scrapes come from outside the pod, so all interfaces by default.
+    http_host: str = _setting(
+        "0.0.0.0",  # noqa: S104 - see above  # nosec B104
+        "address the HTTP endpoints listen on",
+    )
     http_port: int = _setting(8080, "port of /health, /ready and /metrics (0 disables)", minimum=0)
     log_level: str = _setting(
         "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
@@ -1182,7 +1187,7 @@ def _reply(
 def start_http_server(
     app: Callable[..., Iterable[bytes]],
     port: int,
-    host: str = "0.0.0.0",  # noqa: S104 - a pod must be probed from outside
+    host: str = "127.0.0.1",
 ) -> tuple[Any, threading.Thread]:
     """Serve ``app`` on a named daemon thread; one thread per request, so a slow or stuck client
     never blocks the others, and a socket timeout so it cannot hold its thread for ever. Returns
@@ -1863,7 +1868,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     )
     server = None
     if config.http_port:
-        server, _ = start_http_server(make_wsgi_app(metrics, readiness), config.http_port)
+        server, _ = start_http_server(
+            make_wsgi_app(metrics, readiness), config.http_port, host=config.http_host
+        )
     install_signal_handlers(worker, log)
     try:
         worker.run(once=args.once)
