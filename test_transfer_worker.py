@@ -1174,6 +1174,8 @@ def test_cli_drain_timeout_hands_unfinished_work_back(cli: Cli, root: Path):
     assert worker.returncode == 0
     assert not (root / "gcp_gcs" / "dest-bucket" / "out" / "data.bin").exists()
     assert "Drain timeout passed; handed back unfinished messages" in out.decode()
+    assert "Transfer interrupted by shutdown; message handed back" in out.decode()
+    assert not list((root / ".tmp").glob("upload-*"))  # the upload was aborted, not orphaned
     assert cli.run("run", "--once").returncode == 0  # the message is visible again at once
     assert (root / "gcp_gcs" / "dest-bucket" / "out" / "data.bin").read_bytes() == data
 

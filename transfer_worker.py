@@ -33,6 +33,7 @@ import functools
 import hashlib
 import json
 import os
+import queue as queue_module
 import re
 import signal
 import socket
@@ -41,17 +42,22 @@ import stat
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from queue import SimpleQueue
-from typing import IO, Any, Protocol, TextIO
+from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
 
 import jsonschema
 import structlog
 import tenacity
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    import boto3.session
+    from botocore.credentials import RefreshableCredentials
 
 # =================================================================================================
 # 1. Constants and Config
@@ -101,6 +107,9 @@ class Config:
     concurrency: int = _setting(8, "transfers in flight at once", minimum=1)
     part_size: int = _setting(
         8 * MiB, "multipart part / resumable chunk size in bytes", minimum=MIN_PART_SIZE
+    )
+    upload_window: int = _setting(
+        2, "S3 parts uploading at once per transfer (memory: (window + 1) x part size)", minimum=1
     )
     max_retries: int = _setting(3, "cap on an event's metadata.maxRetries", minimum=0)
     overwrite: str = _setting(
@@ -465,6 +474,14 @@ class MessageQueue(Protocol):
     def check(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+# Cloud adapters register themselves here (end of section 7): the keys of QUEUES and PUBLISHERS
+# are regular expressions on the --queue, --dead-letter and --to values. Adding a provider is one
+# class and one entry.
+CLOUD_STORES: dict[str, Callable[[Config, CloudClients], ObjectStore]] = {}
+QUEUES: dict[str, Callable[[Config, Publisher, CloudClients], MessageQueue]] = {}
+PUBLISHERS: dict[str, Callable[[str, Config, CloudClients], Publisher]] = {}
 
 
 # =================================================================================================
@@ -862,7 +879,1447 @@ def envelope_body(envelope: Mapping[str, Any]) -> bytes:
 # =================================================================================================
 # 7. Cloud adapters
 # =================================================================================================
-# (S3, GCS, SQS and Pub/Sub live here; see build_stores() and build_queue() below.)
+# Each adapter imports its SDK inside itself, so local mode never loads boto3 or the Google
+# clients, and translates its SDK's exceptions into RetryableError / PermanentError in one
+# function per provider (aws_error, google_error). First the credentials all of them share.
+
+# -- credentials: workload identity federation both ways ------------------------------------------
+# AWS -> GCP is google-auth's own external_account support (GOOGLE_APPLICATION_CREDENTIALS names a
+# workload identity federation config); only its start-up check lives here. GCP -> AWS is
+# aws_session(): the pod's Google ID token is exchanged with STS AssumeRoleWithWebIdentity inside
+# botocore refreshable credentials, shared by every boto3 client built from the one session.
+
+IdTokenSource = Callable[[str], str]
+ROLE_SETTING = "--aws-role-arn / TRANSFER_WORKER_AWS_ROLE_ARN"
+AUDIENCE_SETTING = "--aws-role-audience / TRANSFER_WORKER_AWS_ROLE_AUDIENCE"
+GOOGLE_FILE_SETTING = "GOOGLE_APPLICATION_CREDENTIALS"
+WEB_IDENTITY_METHOD = "gcp-web-identity"  # shows up as botocore's credentials.method
+STS_SESSION_SECONDS = 3600  # a Google ID token lives one hour; so do the AWS credentials
+
+
+class CredentialsError(RetryableError, ValueError):
+    """Credentials cannot be obtained. The message names the setting to fix and carries no secret.
+
+    Retryable, because the event is not at fault: a transfer that meets it goes back to the queue
+    while /ready reports 503. A ValueError too, so main() prints it and exits 2 at start-up."""
+
+    default_reason = "credentials"
+
+
+# -- GCP -> AWS -----------------------------------------------------------------------------------
+
+
+def uses_google_identity(config: Config, environ: Mapping[str, str] | None = None) -> bool:
+    """True when the worker exchanges its Google identity for --aws-role-arn itself. EKS IRSA
+    (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE) wins: boto3's own provider handles that."""
+    env = os.environ if environ is None else environ
+    irsa = bool(env.get("AWS_ROLE_ARN") and env.get("AWS_WEB_IDENTITY_TOKEN_FILE"))
+    return bool(config.aws_role_arn) and not irsa
+
+
+def aws_session(
+    config: Config,
+    *,
+    id_token_source: IdTokenSource | None = None,
+    clock: Callable[[], float] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> boto3.session.Session:
+    """The one boto3 session every boto3 client of the worker is built from.
+
+    Without --aws-role-arn (or under IRSA) it is a plain session: boto3's provider chain finds IRSA,
+    instance roles or environment keys. Otherwise its credentials come from the Google ID token
+    exchange and botocore refreshes them ahead of expiry (15 min advisory, 10 min mandatory)."""
+    import boto3.session
+    import botocore.session
+
+    if not uses_google_identity(config, environ):
+        return boto3.session.Session()
+    credentials = web_identity_credentials(
+        config, id_token_source=id_token_source or google_id_token, clock=clock or time.time
+    )
+    core = botocore.session.Session()
+    _put_credentials_first(core, credentials)
+    return boto3.session.Session(botocore_session=core)
+
+
+def web_identity_credentials(
+    config: Config, *, id_token_source: IdTokenSource, clock: Callable[[], float]
+) -> RefreshableCredentials:
+    """Deferred refreshable credentials: nothing is fetched until the first AWS call (or
+    check_credentials), so building the session never blocks on the network."""
+    from botocore.credentials import DeferredRefreshableCredentials
+
+    return DeferredRefreshableCredentials(
+        refresh_using=WebIdentityExchange(config, id_token_source),
+        method=WEB_IDENTITY_METHOD,
+        # botocore compares aware datetimes; the worker's clocks are epoch seconds.
+        time_fetcher=lambda: dt.datetime.fromtimestamp(clock(), dt.UTC),
+    )
+
+
+def _put_credentials_first(core: Any, credentials: RefreshableCredentials) -> None:
+    """Put our credentials at the head of botocore's provider chain (a public extension point,
+    unlike assigning ``session._credentials``), so stray AWS_* keys cannot shadow them."""
+    from botocore.credentials import CredentialProvider
+
+    class GoogleWebIdentityProvider(CredentialProvider):
+        METHOD = CANONICAL_NAME = WEB_IDENTITY_METHOD
+
+        def load(self) -> RefreshableCredentials:
+            return credentials
+
+    core.get_component("credential_provider").insert_before("env", GoogleWebIdentityProvider())
+
+
+class WebIdentityExchange:
+    """botocore's ``refresh_using``: a fresh Google ID token for --aws-role-audience, exchanged
+    for --aws-role-arn. Called once at first use and then whenever expiry comes near."""
+
+    def __init__(self, config: Config, id_token_source: IdTokenSource) -> None:
+        self.config, self.id_token_source = config, id_token_source
+        self._sts: Any = None
+
+    def __call__(self) -> dict[str, str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        token = self._id_token()
+        try:
+            response = self.sts.assume_role_with_web_identity(
+                RoleArn=self.config.aws_role_arn,
+                RoleSessionName=role_session_name(self.config.worker_id),
+                WebIdentityToken=token,
+                DurationSeconds=STS_SESSION_SECONDS,
+            )
+        except ClientError as exc:
+            raise CredentialsError(explain_sts_error(self.config, exc)) from None
+        except BotoCoreError as exc:  # endpoint unreachable, timeouts: worth a later retry
+            raise CredentialsError(
+                f"AWS STS could not be reached for {self.config.aws_role_arn}: {redact(str(exc))}"
+            ) from None
+        issued = response["Credentials"]
+        return {
+            "access_key": issued["AccessKeyId"],
+            "secret_key": issued["SecretAccessKey"],
+            "token": issued["SessionToken"],
+            "expiry_time": issued["Expiration"].isoformat(),
+        }
+
+    @property
+    def sts(self) -> Any:
+        """An unsigned STS client: AssumeRoleWithWebIdentity is authenticated by the token alone,
+        and signing would send botocore looking for the very credentials being made. Endpoint and
+        region come from the environment (AWS_ENDPOINT_URL_STS / AWS_ENDPOINT_URL, AWS_REGION)."""
+        if self._sts is None:
+            import boto3.session
+            from botocore import UNSIGNED
+            from botocore.config import Config as BotoConfig
+
+            self._sts = boto3.session.Session().client(
+                "sts", config=BotoConfig(signature_version=UNSIGNED)
+            )
+        return self._sts
+
+    def _id_token(self) -> str:
+        audience = self.config.aws_role_audience
+        try:
+            token = self.id_token_source(audience)
+        except Exception as exc:  # noqa: BLE001 - any token source failure gets the same advice
+            raise CredentialsError(
+                f"could not get a Google ID token with audience {audience!r} ({AUDIENCE_SETTING}) "
+                "from the metadata server; is Workload Identity enabled for this pod and its "
+                "Kubernetes service account bound to a Google service account? "
+                f"{type(exc).__name__}: {redact(str(exc))}"
+            ) from None
+        if not isinstance(token, str) or not token:
+            raise CredentialsError(f"the Google ID token source returned no token for {audience!r}")
+        return token
+
+
+def google_id_token(audience: str) -> str:
+    """The pod's Google-signed ID token for ``audience``, from the GKE / GCE metadata server
+    (google-auth's fetch_id_token; a service-account file is used instead when one is set)."""
+    import google.auth.transport.requests
+    import google.oauth2.id_token
+
+    token: str = google.oauth2.id_token.fetch_id_token(
+        google.auth.transport.requests.Request(), audience
+    )
+    return token
+
+
+def role_session_name(worker_id: str) -> str:
+    """STS RoleSessionName: 2-64 characters of [\\w+=,.@-]. It ends up in CloudTrail and in the
+    assumed-role ARN, so it says which worker did what."""
+    name = re.sub(r"[^\w+=,.@-]", "-", f"transfer-worker-{worker_id}", flags=re.ASCII)
+    return name[:64]
+
+
+def explain_sts_error(config: Config, exc: Any) -> str:
+    """Turn STS's refusal into the setting to fix. AWS says "Incorrect token audience" when the
+    token's aud differs from the trust policy's accounts.google.com:oaud."""
+    error = exc.response.get("Error", {})
+    code, message = error.get("Code", "Unknown"), redact(error.get("Message", ""))
+    where = f"AssumeRoleWithWebIdentity for {config.aws_role_arn} failed ({code}: {message})"
+    if code == "InvalidIdentityToken" and "audience" in message.lower():
+        return (
+            f"{AUDIENCE_SETTING}: {where}; the audience {config.aws_role_audience!r} must equal "
+            "accounts.google.com:oaud in the role's trust policy"
+        )
+    if code in ("AccessDenied", "InvalidIdentityToken", "ValidationError", "NoSuchEntity"):
+        return (
+            f"{ROLE_SETTING}: {where}; check that the role exists and that its trust policy "
+            "allows Federated accounts.google.com with accounts.google.com:sub equal to the "
+            "unique ID of this pod's Google service account"
+        )
+    return where
+
+
+# -- start-up and /ready checks -------------------------------------------------------------------
+
+
+def check_credentials(
+    config: Config,
+    session: Any = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Fail fast, naming the setting to fix, when credentials cannot be obtained.
+
+    Raises CredentialsError; returns notes worth a warning in the log (a long-lived key file, an
+    AWS-sourced Google config that cannot see IRSA credentials). Cheap enough for /ready: botocore
+    caches credentials until they near expiry, and the Google file is only parsed."""
+    env = os.environ if environ is None else environ
+    notes = check_google_credentials_file(env)
+    if session is not None and needs_aws(config, env):
+        check_aws_credentials(session, env)
+    return notes
+
+
+def needs_aws(config: Config, env: Mapping[str, str]) -> bool:
+    sqs = any(re.match(r"^https?://", spec) for spec in (config.queue, config.dead_letter))
+    irsa = bool(env.get("AWS_ROLE_ARN") and env.get("AWS_WEB_IDENTITY_TOKEN_FILE"))
+    return bool(config.aws_role_arn) or irsa or sqs or config.storage == "cloud"
+
+
+def check_aws_credentials(session: Any, env: Mapping[str, str]) -> None:
+    """Resolve (and, the first time, fetch) the session's credentials."""
+    try:
+        credentials = session.get_credentials()
+        frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    except CredentialsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - boto3's providers raise many kinds; all get advice
+        raise CredentialsError(_explain_provider_error(env, exc)) from None
+    if frozen is None or not frozen.access_key:
+        raise CredentialsError(
+            "no AWS credentials found: on EKS annotate the Kubernetes service account with "
+            "eks.amazonaws.com/role-arn (IRSA sets AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE); "
+            f"on GKE set {ROLE_SETTING}"
+        )
+
+
+def _explain_provider_error(env: Mapping[str, str], exc: Exception) -> str:
+    detail = f"{type(exc).__name__}: {redact(str(exc))}"
+    if env.get("AWS_ROLE_ARN") and env.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return (
+            f"AWS_ROLE_ARN={env['AWS_ROLE_ARN']} with AWS_WEB_IDENTITY_TOKEN_FILE="
+            f"{env['AWS_WEB_IDENTITY_TOKEN_FILE']} (EKS IRSA) gave no credentials; check the "
+            f"eks.amazonaws.com/role-arn annotation and the role's trust policy: {detail}"
+        )
+    return f"AWS credentials could not be resolved by boto3: {detail}"
+
+
+def check_google_credentials_file(env: Mapping[str, str]) -> list[str]:
+    """When GOOGLE_APPLICATION_CREDENTIALS is set, the file must load through google-auth.
+    Unset is fine: on GKE the clients ask the metadata server."""
+    path = env.get(GOOGLE_FILE_SETTING)
+    if not path:
+        return []
+    info = _read_google_file(path)
+    _load_google_file(path, info)
+    _check_credential_source_file(path, info)
+    return _google_file_notes(path, info, env)
+
+
+def _read_google_file(path: str) -> dict[str, Any]:
+    where = f"{GOOGLE_FILE_SETTING}={path}"
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CredentialsError(
+            f"{where}: cannot read the credential configuration ({exc.strerror or exc}); "
+            "is the ConfigMap mounted at that path and readable by UID 1001?"
+        ) from None
+    except ValueError:  # the text is not echoed: it might be a key
+        raise CredentialsError(f"{where}: the file is not JSON") from None
+    if not isinstance(info, dict):
+        raise CredentialsError(f"{where}: the file is not a JSON object")
+    return info
+
+
+def _load_google_file(path: str, info: Mapping[str, Any]) -> None:
+    """Load the file with the loader of its type, as google-auth advises (its generic
+    load_credentials_from_file is deprecated), and as ADC will when the clients start."""
+    import google.auth.exceptions
+
+    loader = _google_loader(info)
+    if loader is None:
+        raise CredentialsError(
+            f"{GOOGLE_FILE_SETTING}={path}: type {info.get('type')!r} is not one the worker "
+            "uses; expected external_account (workload identity federation)"
+        )
+    try:
+        loader(path)
+    except (google.auth.exceptions.GoogleAuthError, ValueError, KeyError) as exc:
+        raise CredentialsError(
+            f"{GOOGLE_FILE_SETTING}={path}: google-auth cannot load it: "
+            f"{type(exc).__name__}: {redact(str(exc))}"
+        ) from None
+
+
+def _google_loader(info: Mapping[str, Any]) -> Callable[[str], Any] | None:
+    """The same choice google.auth.default() makes for an external_account: AWS by its subject
+    token type, an executable when one is named, otherwise a file or URL source. No network:
+    without scopes, nothing is fetched at load time."""
+    kind = info.get("type")
+    if kind == "external_account":
+        from google.auth import aws, identity_pool, pluggable
+
+        source = info.get("credential_source")
+        if info.get("subject_token_type") == "urn:ietf:params:aws:token-type:aws4_request":
+            return aws.Credentials.from_file
+        if isinstance(source, dict) and source.get("executable") is not None:
+            return pluggable.Credentials.from_file
+        return identity_pool.Credentials.from_file
+    if kind == "service_account":
+        from google.oauth2 import service_account
+
+        return service_account.Credentials.from_service_account_file
+    if kind == "authorized_user":  # gcloud auth application-default login, for local runs
+        import google.oauth2.credentials
+
+        return google.oauth2.credentials.Credentials.from_authorized_user_file
+    return None
+
+
+def _check_credential_source_file(path: str, info: Mapping[str, Any]) -> None:
+    """A file-sourced external_account (Kubernetes OIDC) reads a projected token at every
+    refresh; a missing volume would otherwise surface only at the first GCS call."""
+    source = info.get("credential_source") or {}
+    token_file = source.get("file") if isinstance(source, dict) else None
+    if token_file and not os.access(token_file, os.R_OK):
+        raise CredentialsError(
+            f"{GOOGLE_FILE_SETTING}={path}: its credential_source.file {token_file} is not "
+            "readable; mount the projected service account token volume there"
+        )
+
+
+def _google_file_notes(path: str, info: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    where = f"{GOOGLE_FILE_SETTING}={path}"
+    if info.get("type") == "service_account":
+        return [
+            f"{where} is a service account key, a long-lived secret; prefer a workload "
+            "identity federation configuration (docs/authentication.md)"
+        ]
+    source = info.get("credential_source") or {}
+    aws_sourced = str(source.get("environment_id", "")).startswith("aws")
+    if aws_sourced and env.get("AWS_WEB_IDENTITY_TOKEN_FILE") and not env.get("AWS_ACCESS_KEY_ID"):
+        return [
+            f"{where} takes AWS credentials from AWS_ACCESS_KEY_ID or EC2 instance metadata "
+            "only; the IRSA web identity token is not read, so the node's role is used if "
+            "IMDS is reachable. Use a Kubernetes OIDC provider instead "
+            "(docs/authentication.md)"
+        ]
+    return []
+
+
+# -- redaction ------------------------------------------------------------------------------------
+
+REDACTED = "[REDACTED]"
+_SENSITIVE_NAMES = (
+    r"aws_secret_access_key|secret_access_key|secretaccesskey|aws_session_token|session_token|"
+    r"sessiontoken|security_token|x-amz-security-token|x-amz-signature|x-goog-signature|signature|"
+    r"access_token|id_token|refresh_token|subject_token|web_identity_token|webidentitytoken|"
+    r"client_secret|private_key|private_key_id|password|passwd|api_key|apikey|token|secret"
+)
+# (pattern, replacement): the first group, when there is one, is what stays.
+_SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # Authorization / Proxy-Authorization headers, whatever the scheme (Bearer, AWS4-HMAC-SHA256).
+    (
+        re.compile(r"(?i)(\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+"),
+        rf"\g<1>{REDACTED}",
+    ),
+    # JWTs (Google ID tokens, Kubernetes tokens): base64url '{"' header, then two more segments.
+    (re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*"), REDACTED),
+    # Google OAuth access tokens.
+    (re.compile(r"\bya29\.[\w.-]+"), REDACTED),
+    # AWS session tokens (their base64 starts with these) and access key ids.
+    (re.compile(r"\b(?:IQoJb3JpZ2lu|FwoGZXIvYXdz|FQoGZXIvYXdz)[A-Za-z0-9+/=%]+"), REDACTED),
+    (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), REDACTED),
+    # key=value and "key": "value" for well-known secret field names.
+    (
+        re.compile(
+            rf"(?i)(\b(?:{_SENSITIVE_NAMES})[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,;{{}}\[\]]{{4,}}"
+        ),
+        rf"\g<1>{REDACTED}",
+    ),
+)
+_SECRET_ENV_NAME = re.compile(r"SECRET|TOKEN|KEY|PASSWORD", re.IGNORECASE)
+_PATH_ENV_SUFFIXES = ("_FILE", "_PATH", "_DIR", "_URL", "_URI")  # they name a secret, not hold it
+
+
+def redact(text: str, *, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with anything that looks like a token, key, signature or Authorization header,
+    and the value of every secret-named environment variable, replaced by [REDACTED]."""
+    for value in _secret_env_values(os.environ if environ is None else environ):
+        text = text.replace(value, REDACTED)
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _secret_env_values(env: Mapping[str, str]) -> list[str]:
+    values = {
+        value
+        for name, value in env.items()
+        if _SECRET_ENV_NAME.search(name)
+        and not name.upper().endswith(_PATH_ENV_SUFFIXES)
+        and len(value) >= 8  # short values ("1", "true") would blank out ordinary words
+    }
+    return sorted(values, key=len, reverse=True)  # a longer secret may contain a shorter one
+
+
+def redact_secrets(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: redact() every string in the event, nested ones too. It goes after
+    format_exc_info, so tracebacks are scrubbed as well."""
+    for key, value in event.items():
+        event[key] = _redact_value(value)
+    return event
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, BaseException):  # JSONRenderer would repr() it unscrubbed
+        return redact(f"{type(value).__name__}: {value}")
+    if isinstance(value, Mapping):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+# -- the SDK clients shared by the adapters --------------------------------------------------------
+
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection to a cloud API
+READ_TIMEOUT = 120.0  # seconds without a byte from a cloud API before the attempt is retried
+UPLOAD_WINDOW = 2  # default of --upload-window
+GCS_QUANTUM = 256 * 1024  # resumable upload chunks are multiples of this
+
+# Reasons of RetryableError, bounded: they label retry_count_total.
+THROTTLED, UNAVAILABLE, NETWORK, TIMEOUT, CREDENTIALS = (
+    "throttled",
+    "unavailable",
+    "network",
+    "timeout",
+    "credentials",
+)
+
+
+def _permanent_reason(side: str) -> str:
+    return {"source": "source_error", "destination": "destination_error"}.get(side, "queue_error")
+
+
+def _translated(translate: Callable[[Exception, str], TransferError | None], side: str) -> Any:
+    """A context manager that re-raises SDK exceptions as TransferErrors (``side`` is source,
+    destination or queue: a 404 means different things on each)."""
+
+    @contextlib.contextmanager
+    def manager() -> Iterator[None]:
+        try:
+            yield
+        except TransferError:
+            raise
+        except Exception as exc:
+            error = translate(exc, side)
+            if error is None:
+                raise
+            raise error from exc
+
+    return manager()
+
+
+# -- AWS: one translation for S3 and SQS ----------------------------------------------------------
+
+AWS_THROTTLING = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "BandwidthLimitExceeded",
+        "KMS.ThrottlingException",
+    }
+)
+# 4xx codes that another attempt can cure: a socket S3 gave up on, a body damaged in transit,
+# credentials that expired under a long transfer, an upload aborted by a racing worker.
+AWS_TRANSIENT = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "BadDigest",
+        "InvalidDigest",
+        "XAmzContentSHA256Mismatch",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "NoSuchUpload",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+AWS_DENIED = frozenset(
+    {"AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+)
+AWS_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+
+
+def aws_error(exc: Exception, side: str) -> TransferError | None:
+    """The TransferError for a botocore exception, or None when ``exc`` is not one."""
+    import botocore.exceptions as bex
+
+    if isinstance(exc, bex.ClientError):
+        return _aws_client_error(exc, side)
+    if isinstance(exc, (bex.ReadTimeoutError, bex.ConnectTimeoutError)):
+        return RetryableError(f"AWS timed out: {exc}", reason=TIMEOUT)
+    if isinstance(exc, (bex.HTTPClientError, bex.IncompleteReadError)):
+        return RetryableError(f"AWS connection failed: {exc}", reason=NETWORK)
+    if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
+        return RetryableError(f"AWS credentials unavailable: {exc}", reason=CREDENTIALS)
+    if isinstance(exc, bex.CredentialRetrievalError):
+        return RetryableError(f"AWS credentials unavailable: {exc}", reason=CREDENTIALS)
+    return None
+
+
+def _aws_client_error(exc: Any, side: str) -> TransferError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    text = f"AWS {exc.operation_name}: {code or status} {error.get('Message', '')}".strip()
+    if code in AWS_THROTTLING or status == 429:
+        return RetryableError(text, reason=THROTTLED)
+    if status >= 500 or code in AWS_TRANSIENT:
+        return RetryableError(text, reason=UNAVAILABLE)
+    if status == 412 or code == "PreconditionFailed":
+        return SourceChanged(text) if side == "source" else RetryableError(text, reason="conflict")
+    if status == 403 or code in AWS_DENIED:
+        return PermanentError(text, reason="access_denied")
+    if (status == 404 or code in AWS_NOT_FOUND) and side == "source":
+        return PermanentError(text, reason="source_not_found")
+    return PermanentError(text, reason=_permanent_reason(side))
+
+
+def _aws_config(pool: int) -> Any:
+    """Few botocore retries: the worker's tenacity loop owns retrying (with the event's budget),
+    botocore's standard mode only smooths one throttled call. Checksums are computed by us
+    (SHA-256 per part), not a second time by botocore."""
+    from botocore.config import Config as BotoConfig
+
+    return BotoConfig(
+        max_pool_connections=pool,
+        retries={"mode": "standard", "max_attempts": 2},
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+
+
+class AwsClients:
+    """boto3 clients built once per (service, region) and shared by every thread (botocore
+    clients are thread-safe; the session that builds them is not, hence the lock). Endpoints come
+    from the SDK's own settings (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, ...)."""
+
+    def __init__(self, *, pool: int, endpoint_url: str | None = None, session: Any = None) -> None:
+        import boto3
+
+        self.session = session or boto3.session.Session()
+        self.config = _aws_config(pool)
+        self.endpoint_url = endpoint_url
+        self._clients: dict[tuple[str, str | None], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, service: str, region: str | None = None) -> Any:
+        region = region or self.session.region_name or "us-east-1"
+        with self._lock:
+            client = self._clients.get((service, region))
+            if client is None:
+                client = self.session.client(
+                    service, region_name=region, config=self.config, endpoint_url=self.endpoint_url
+                )
+                self._clients[(service, region)] = client
+            return client
+
+
+class CloudClients:
+    """What the cloud adapters of one worker share, built on first use: one boto3 session (so one
+    web-identity exchange and one credential refresh for S3 and SQS alike) and its clients."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._session: Any = None
+        self._lock = threading.Lock()
+
+    def aws_session(self) -> Any:
+        with self._lock:
+            if self._session is None:
+                self._session = aws_session(self.config)
+            return self._session
+
+    def aws(self, *, pool: int, endpoint_url: str | None = None) -> AwsClients:
+        return AwsClients(pool=pool, endpoint_url=endpoint_url, session=self.aws_session())
+
+    def sqs(self, url: str) -> Any:
+        pool = max(10, self.config.concurrency + 2)
+        return self.aws(pool=pool, endpoint_url=_sqs_endpoint(url)).get("sqs", _sqs_region(url))
+
+
+# -- S3 --------------------------------------------------------------------------------------------
+
+_PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+class S3Store:
+    """aws_s3 objects through boto3: streaming GetObject pinned by ETag; PutObject for objects of
+    at most one part, parallel multipart uploads (SHA-256 per part) above that."""
+
+    def __init__(
+        self,
+        *,
+        part_size: int = 8 * MiB,
+        chunk_size: int = MiB,
+        concurrency: int = 8,
+        window: int = UPLOAD_WINDOW,
+        clients: AwsClients | None = None,
+    ) -> None:
+        self.part_size, self.chunk_size, self.window = part_size, chunk_size, window
+        # Metadata of a multipart upload is fixed by CreateMultipartUpload.
+        self.late_metadata_limit = part_size
+        self.clients = clients or AwsClients(pool=max(10, concurrency * (window + 1)))
+
+    @classmethod
+    def from_config(cls, config: Config, clients: CloudClients) -> S3Store:
+        window = config.upload_window
+        return cls(
+            part_size=config.part_size,
+            chunk_size=config.chunk_size,
+            concurrency=config.concurrency,
+            window=window,
+            clients=clients.aws(pool=max(10, config.concurrency * (window + 1))),
+        )
+
+    def client(self, ref: ObjectRef) -> Any:
+        return self.clients.get("s3", ref.region)
+
+    def head(self, ref: ObjectRef) -> ObjectInfo | None:
+        try:
+            with _translated(aws_error, "source"):
+                response = self.client(ref).head_object(
+                    Bucket=ref.bucket, Key=ref.key, ChecksumMode="ENABLED"
+                )
+        except PermanentError as exc:
+            if exc.reason == "source_not_found":
+                return None
+            raise
+        return ObjectInfo(
+            size=int(response["ContentLength"]),
+            version=response["ETag"],
+            content_type=response.get("ContentType"),
+            metadata=dict(response.get("Metadata") or {}),
+            checksums=_s3_checksums(response),
+        )
+
+    @contextlib.contextmanager
+    def open_read(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[Iterator[bytes]]:
+        try:
+            with _translated(aws_error, "source"):
+                response = self.client(ref).get_object(
+                    Bucket=ref.bucket, Key=ref.key, IfMatch=info.version
+                )
+        except PermanentError as exc:
+            if exc.reason == "source_not_found":  # head saw it: it went away since
+                raise SourceChanged(f"{ref.uri} disappeared before it was read") from exc
+            raise
+        body = response["Body"]
+        try:
+            yield self._chunks(body)
+        finally:
+            body.close()
+
+    def _chunks(self, body: Any) -> Iterator[bytes]:
+        with _translated(aws_error, "source"):
+            yield from body.iter_chunks(self.chunk_size)
+
+    def open_write(
+        self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
+    ) -> S3Upload:
+        return S3Upload(self, ref, size=size, content_type=content_type, metadata=metadata)
+
+    def check(self) -> None:
+        """STS GetCallerIdentity: needs no IAM permission, proves that credentials resolve and
+        are accepted, and costs nothing. HeadBucket would need s3:ListBucket, which the worker's
+        least-privilege policy does not grant; ListBuckets is far broader still."""
+        with _translated(aws_error, "queue"):
+            self.clients.get("sts").get_caller_identity()
+
+    def abort_stale_uploads(self, ref: ObjectRef) -> int:
+        """Abort multipart uploads of exactly this key that a killed worker left behind. A
+        concurrent upload of the same key by another worker is aborted too: it fails with
+        NoSuchUpload, is retried, and finds the object already written (a skip). Without
+        s3:ListBucketMultipartUploads this is skipped; a bucket lifecycle rule
+        (AbortIncompleteMultipartUpload) is the safety net either way."""
+        client, aborted = self.client(ref), 0
+        try:
+            with _translated(aws_error, "destination"):
+                pages = client.get_paginator("list_multipart_uploads").paginate(
+                    Bucket=ref.bucket, Prefix=ref.key
+                )
+                for page in pages:
+                    for upload in page.get("Uploads", []):
+                        if upload["Key"] == ref.key:
+                            client.abort_multipart_upload(
+                                Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+                            )
+                            aborted += 1
+        except PermanentError as exc:
+            if exc.reason != "access_denied":
+                raise
+        return aborted
+
+
+def _s3_checksums(response: Mapping[str, Any]) -> dict[str, str]:
+    """Digests S3 vouches for over the whole object: a FULL_OBJECT SHA-256 (a composite multipart
+    checksum, "<b64>-<parts>", is a digest of part digests), and the ETag when it is a plain MD5
+    (not multipart, not SSE-KMS or SSE-C)."""
+    checksums = {}
+    etag = str(response.get("ETag", "")).strip('"')
+    sha = response.get("ChecksumSHA256")
+    # SHA-256 is always composite for multipart objects; emulators do not always say so, but a
+    # multipart ETag ("<md5>-<parts>") does.
+    whole = response.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" and "-" not in etag
+    if sha and "-" not in sha and whole:
+        checksums["sha256"] = base64.b64decode(sha).hex()
+    encrypted = str(response.get("ServerSideEncryption", "")).startswith("aws:kms") or (
+        response.get("SSECustomerAlgorithm")
+    )
+    if _PLAIN_MD5.match(etag) and not encrypted:
+        checksums["md5"] = etag
+    return checksums
+
+
+class S3Upload:
+    """One destination object. Up to one part: buffered, one PutObject at commit. Larger: a
+    multipart upload whose parts go up in parallel within a window, except the last part, which
+    is held back until commit() so nothing can complete before the engine verified the digest."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        ref: ObjectRef,
+        *,
+        size: int,
+        content_type: str,
+        metadata: Mapping[str, str],
+    ) -> None:
+        self.store, self.ref, self.size = store, ref, size
+        self.content_type, self.metadata = content_type, dict(metadata)
+        self.client = store.client(ref)
+        self.buffer = bytearray()
+        self.written = 0
+        self.upload_id: str | None = None
+        self.parts: list[Future[dict[str, Any]]] = []
+        self.finished = False
+        self.executor: ThreadPoolExecutor | None = None
+        self.slots = threading.BoundedSemaphore(store.window)
+        if size > store.part_size:
+            self._create()
+
+    def _create(self) -> None:
+        self.store.abort_stale_uploads(self.ref)
+        with _translated(aws_error, "destination"):
+            response = self.client.create_multipart_upload(
+                Bucket=self.ref.bucket,
+                Key=self.ref.key,
+                ContentType=self.content_type,
+                Metadata=self.metadata,
+                ChecksumAlgorithm="SHA256",
+            )
+        self.upload_id = response["UploadId"]
+        self.executor = ThreadPoolExecutor(self.store.window, thread_name_prefix="s3-part")
+
+    def write(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        self.written += len(chunk)
+        part = self.store.part_size
+        if self.upload_id is None:
+            if len(self.buffer) > part:
+                raise SourceChanged(f"source of {self.ref.uri} is longer than {self.size} bytes")
+            return
+        # A full part is sent unless it may be the last one (then commit() sends it).
+        while len(self.buffer) > part or (len(self.buffer) == part and self.written < self.size):
+            self._send_part(bytes(self.buffer[:part]))
+            del self.buffer[:part]
+
+    def _send_part(self, data: bytes) -> None:
+        self.slots.acquire()  # blocks while the window is full: bounded memory
+        self._raise_failed_part()
+        assert self.executor is not None
+        future = self.executor.submit(self._upload_part, len(self.parts) + 1, data)
+        future.add_done_callback(lambda _: self.slots.release())
+        self.parts.append(future)
+
+    def _raise_failed_part(self) -> None:
+        for future in self.parts:
+            if future.done() and future.exception() is not None:
+                self.slots.release()
+                future.result()
+
+    def _upload_part(self, number: int, data: bytes) -> dict[str, Any]:
+        checksum = _b64(hashlib.sha256(data).digest())
+        with _translated(aws_error, "destination"):
+            response = self.client.upload_part(
+                Bucket=self.ref.bucket,
+                Key=self.ref.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=data,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=checksum,
+            )
+        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
+
+    def commit(self, metadata: Mapping[str, str]) -> None:
+        """``metadata`` is the verified final set; a multipart upload fixed its metadata at
+        creation, which the engine guarantees already held the SHA-256 (late_metadata_limit)."""
+        if self.upload_id is None:
+            self._put(metadata)
+        else:
+            self._complete()
+        self.finished = True
+
+    def _put(self, metadata: Mapping[str, str]) -> None:
+        extra = {}
+        if "sha256" in metadata:
+            extra["ChecksumSHA256"] = _b64(bytes.fromhex(metadata["sha256"]))
+        with _translated(aws_error, "destination"):
+            self.client.put_object(
+                Bucket=self.ref.bucket,
+                Key=self.ref.key,
+                Body=bytes(self.buffer),
+                ContentType=self.content_type,
+                Metadata=dict(metadata),
+                **extra,
+            )
+        self.buffer = bytearray()
+
+    def _complete(self) -> None:
+        if self.buffer or not self.parts:
+            self._send_part(bytes(self.buffer))
+            self.buffer = bytearray()
+        parts = [future.result() for future in self.parts]  # raises the first failed part
+        with _translated(aws_error, "destination"):
+            self.client.complete_multipart_upload(
+                Bucket=self.ref.bucket,
+                Key=self.ref.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        self._stop_executor()
+
+    def abort(self) -> None:
+        self.buffer = bytearray()
+        self._stop_executor()
+        if self.upload_id is None or self.finished:
+            return
+        upload_id, self.upload_id = self.upload_id, None
+        # A failed abort leaves the upload to abort_stale_uploads() of the next attempt and to
+        # the bucket's lifecycle rule; it must not hide the error that caused the abort.
+        with contextlib.suppress(TransferError), _translated(aws_error, "destination"):
+            self.client.abort_multipart_upload(
+                Bucket=self.ref.bucket, Key=self.ref.key, UploadId=upload_id
+            )
+
+    def _stop_executor(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+
+# -- Google: one translation for GCS and Pub/Sub ---------------------------------------------------
+
+
+def google_error(exc: Exception, side: str) -> TransferError | None:
+    """The TransferError for a google-api-core / requests / google-auth exception, or None."""
+    import google.auth.exceptions as gauth
+    import requests
+    from google.api_core import exceptions as gexc
+
+    text = f"Google API: {type(exc).__name__}: {exc}"
+    if isinstance(exc, gexc.GoogleAPICallError):
+        return _google_call_error(exc, side, text)
+    retryable: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+        ((requests.exceptions.Timeout, TimeoutError), TIMEOUT),
+        ((requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError), NETWORK),
+        ((gauth.TransportError, ConnectionError), NETWORK),
+        ((gauth.RefreshError, gauth.DefaultCredentialsError), CREDENTIALS),
+    )
+    for kinds, reason in retryable:
+        if isinstance(exc, kinds):
+            return RetryableError(text, reason=reason)
+    if type(exc).__name__ == "DataCorruption":  # google.resumable_media / storage._media
+        return RetryableError(text, reason="checksum_mismatch")
+    return None
+
+
+def _google_call_error(exc: Any, side: str, text: str) -> TransferError:
+    """gRPC errors (Pub/Sub) arrive as the same classes as HTTP ones: RESOURCE_EXHAUSTED is
+    TooManyRequests, UNAVAILABLE and DEADLINE_EXCEEDED are ServerErrors."""
+    from google.api_core import exceptions as gexc
+
+    if isinstance(exc, gexc.TooManyRequests):
+        return RetryableError(text, reason=THROTTLED)
+    if isinstance(exc, (gexc.ServerError, gexc.Aborted, gexc.Cancelled)):
+        return RetryableError(text, reason=UNAVAILABLE)
+    if exc.code == 408:
+        return RetryableError(text, reason=TIMEOUT)
+    if isinstance(exc, (gexc.PreconditionFailed, gexc.RequestRangeNotSatisfiable)):
+        return SourceChanged(text) if side == "source" else RetryableError(text, reason="conflict")
+    if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
+        return PermanentError(text, reason="access_denied")
+    not_found = isinstance(exc, gexc.NotFound) and side == "source"
+    return PermanentError(text, reason="source_not_found" if not_found else _permanent_reason(side))
+
+
+def _raise_for_response(response: Any) -> None:
+    """Raise the google.api_core exception of a failed raw HTTP response."""
+    from google.api_core import exceptions as gexc
+
+    if response.status_code >= 400:
+        raise gexc.from_http_response(response)
+
+
+# -- GCS -------------------------------------------------------------------------------------------
+
+
+def _b64_hex(value: str | None) -> str | None:
+    return base64.b64decode(value).hex() if value else None
+
+
+class GCSStore:
+    """gcp_gcs objects through google-cloud-storage: ranged reads pinned to the generation seen by
+    head(); a single upload for objects of at most one chunk, a resumable upload above that whose
+    final chunk is sent only by commit()."""
+
+    def __init__(
+        self,
+        *,
+        part_size: int = 8 * MiB,
+        concurrency: int = 8,
+        client: Any = None,
+    ) -> None:
+        # Resumable chunks must be multiples of 256 KiB; reads use the same size.
+        self.chunk = max(GCS_QUANTUM, part_size - part_size % GCS_QUANTUM)
+        self.late_metadata_limit = self.chunk  # resumable metadata is fixed at initiation
+        self.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
+        self.client = client or self._make_client(pool=max(10, concurrency * 2))
+
+    @classmethod
+    def from_config(cls, config: Config) -> GCSStore:
+        return cls(part_size=config.part_size, concurrency=config.concurrency)
+
+    @staticmethod
+    def _make_client(pool: int) -> Any:
+        """STORAGE_EMULATOR_HOST is honoured by the client itself (anonymous credentials and the
+        project from GOOGLE_CLOUD_PROJECT); the connection pool is sized to the concurrency."""
+        import requests
+        from google.cloud import storage
+
+        client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or None)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool)
+        for scheme in ("https://", "http://"):
+            client._http.mount(scheme, adapter)
+        return client
+
+    def blob(self, ref: ObjectRef, generation: int | None = None) -> Any:
+        return self.client.bucket(ref.bucket).blob(ref.key, generation=generation)
+
+    def head(self, ref: ObjectRef) -> ObjectInfo | None:
+        with _translated(google_error, "source"):
+            blob = self.client.bucket(ref.bucket).get_blob(
+                ref.key, timeout=self.timeout, retry=None
+            )
+        if blob is None:
+            return None
+        checksums = {"md5": _b64_hex(blob.md5_hash), "crc32c": _b64_hex(blob.crc32c)}
+        return ObjectInfo(
+            size=int(blob.size or 0),
+            version=str(blob.generation),
+            content_type=blob.content_type,
+            metadata=dict(blob.metadata or {}),
+            checksums={name: value for name, value in checksums.items() if value},
+        )
+
+    @contextlib.contextmanager
+    def open_read(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[Iterator[bytes]]:
+        yield self._ranges(ref, info)
+
+    def _ranges(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[bytes]:
+        """One ranged GET per chunk: memory is one chunk, never the object, and each request is
+        pinned to the generation (a replaced object answers 404 for the old one)."""
+        blob = self.blob(ref, int(info.version))
+        for start in range(0, info.size, self.chunk):
+            end = min(start + self.chunk, info.size) - 1
+            try:
+                with _translated(google_error, "source"):
+                    data = blob.download_as_bytes(
+                        start=start,
+                        end=end,
+                        raw_download=True,
+                        checksum=None,
+                        retry=None,
+                        timeout=self.timeout,
+                    )
+            except PermanentError as exc:
+                if exc.reason == "source_not_found":
+                    raise SourceChanged(f"{ref.uri} generation {info.version} is gone") from exc
+                raise
+            if len(data) != end - start + 1:
+                raise SourceChanged(f"{ref.uri} is shorter than {info.size} bytes")
+            yield data
+        # Emulators ignore the generation of a download, so look once more at the end.
+        current = self.head(ref)
+        if current is None or current.version != info.version:
+            raise SourceChanged(f"{ref.uri} changed while it was read")
+
+    def open_write(
+        self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
+    ) -> GCSUpload:
+        return GCSUpload(self, ref, size=size, content_type=content_type, metadata=metadata)
+
+    def check(self) -> None:
+        """Credentials resolve and the endpoint answers: a lookup of a bucket that cannot exist
+        (names with '..' are invalid) costs one request and needs no permission; 400/404 mean
+        the API answered."""
+        from google.api_core import exceptions as gexc
+
+        answered = contextlib.suppress(gexc.BadRequest, gexc.NotFound, gexc.Forbidden)
+        with _translated(google_error, "queue"), answered:
+            self.client.bucket("transfer-worker..probe").exists(timeout=self.timeout, retry=None)
+
+
+class GCSUpload:
+    """One destination object. Up to one chunk: buffered, a single upload at commit with a CRC32C
+    the server checks. Larger: a resumable session opened with the metadata, chunks sent as they
+    fill, the final chunk (and with it the object) only at commit()."""
+
+    def __init__(
+        self,
+        store: GCSStore,
+        ref: ObjectRef,
+        *,
+        size: int,
+        content_type: str,
+        metadata: Mapping[str, str],
+    ) -> None:
+        import google_crc32c
+
+        self.store, self.ref, self.size, self.content_type = store, ref, size, content_type
+        self.blob = store.blob(ref)
+        self.blob.metadata = dict(metadata)
+        self.buffer = bytearray()
+        self.written = 0
+        self.sent = 0
+        self.crc32c = google_crc32c.Checksum()
+        self.session_url: str | None = None
+        self.finished = False
+        if size > store.chunk:
+            self._initiate()
+
+    def _initiate(self) -> None:
+        with _translated(google_error, "destination"):
+            self.session_url = self.blob.create_resumable_upload_session(
+                content_type=self.content_type,
+                size=self.size,
+                timeout=self.store.timeout,
+                checksum=None,
+                retry=None,
+            )
+
+    def write(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        self.written += len(chunk)
+        self.crc32c.update(chunk)
+        step = self.store.chunk
+        if self.session_url is None:
+            if len(self.buffer) > step:
+                raise SourceChanged(f"source of {self.ref.uri} is longer than {self.size} bytes")
+            return
+        while len(self.buffer) > step or (len(self.buffer) == step and self.written < self.size):
+            self._put_chunk(bytes(self.buffer[:step]), final=False)
+            del self.buffer[:step]
+
+    def _put_chunk(self, data: bytes, *, final: bool) -> Any:
+        assert self.session_url is not None
+        end = self.sent + len(data) - 1
+        headers = {"Content-Range": f"bytes {self.sent}-{end}/{self.size if final else '*'}"}
+        if final:  # real GCS refuses to finalise an object whose CRC32C differs
+            headers["X-Goog-Hash"] = f"crc32c={_b64(self.crc32c.digest())}"
+        with _translated(google_error, "destination"):
+            response = self.store.client._http.put(
+                self.session_url, data=data, headers=headers, timeout=self.store.timeout
+            )
+            if not final and response.status_code == 308:
+                self._check_persisted(response, end)
+            else:
+                _raise_for_response(response)
+        self.sent = end + 1
+        return response
+
+    def _check_persisted(self, response: Any, end: int) -> None:
+        """308 carries ``Range: bytes=0-N``: what the server kept. Less than sent means a lost
+        chunk; the attempt starts again rather than resending from the middle."""
+        kept = response.headers.get("Range", "")
+        if not kept.endswith(f"-{end}"):
+            raise RetryableError(
+                f"GCS kept {kept or 'nothing'} of {self.ref.uri}, sent up to {end}",
+                reason=NETWORK,
+            )
+
+    def commit(self, metadata: Mapping[str, str]) -> None:
+        if self.session_url is None:
+            resource = self._upload_whole(metadata)
+        else:
+            resource = self._put_chunk(bytes(self.buffer), final=True).json()
+        self.finished = True
+        self.buffer = bytearray()
+        self._verify(resource)
+
+    def _upload_whole(self, metadata: Mapping[str, str]) -> dict[str, Any]:
+        self.blob.metadata = dict(metadata)
+        with _translated(google_error, "destination"):
+            self.blob.upload_from_string(
+                bytes(self.buffer),
+                content_type=self.content_type,
+                checksum="crc32c",
+                retry=None,
+                timeout=self.store.timeout,
+            )
+        return {"crc32c": self.blob.crc32c}
+
+    def _verify(self, resource: Mapping[str, Any]) -> None:
+        """The object is final now; a CRC32C that differs from what we sent (possible only where
+        the server ignored X-Goog-Hash) is retried, which overwrites it with a good copy."""
+        theirs = resource.get("crc32c")
+        ours = _b64(self.crc32c.digest())
+        if theirs and theirs != ours:
+            raise RetryableError(
+                f"GCS stored {self.ref.uri} with CRC32C {theirs}, sent {ours}",
+                reason="checksum_mismatch",
+            )
+
+    def abort(self) -> None:
+        self.buffer = bytearray()
+        if self.session_url is None or self.finished:
+            return
+        url, self.session_url = self.session_url, None
+        # DELETE cancels the session (499). If it fails the session simply expires: an
+        # unfinished resumable upload never becomes an object.
+        with contextlib.suppress(Exception):
+            self.store.client._http.delete(url, timeout=self.store.timeout)
+
+
+# -- SQS -------------------------------------------------------------------------------------------
+
+
+def _sqs_endpoint(url: str) -> str | None:
+    """An SQS queue URL names its endpoint; use it when it is not AWS and the SDK's endpoint
+    settings do not say otherwise (a queue URL of an emulator or a VPC endpoint)."""
+    if os.environ.get("AWS_ENDPOINT_URL_SQS") or os.environ.get("AWS_ENDPOINT_URL"):
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if (parts.hostname or "").endswith(".amazonaws.com"):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _sqs_region(url: str) -> str | None:
+    match = re.match(r"^https?://sqs[.-]([a-z0-9-]+)\.amazonaws\.com", url)
+    return match.group(1) if match else None
+
+
+class SQSQueue:
+    """An SQS queue: long polls of up to 20 s and 10 messages, ApproximateReceiveCount as the
+    delivery count, visibility extended while a transfer runs, DeleteMessage after commit. The
+    queue's own RedrivePolicy (maxReceiveCount a little above --max-retries + 1) is the safety
+    net for messages that keep killing workers. ``priority`` does not exist on SQS: use one queue
+    per priority and run workers on each."""
+
+    receive_wait = 20.0  # the longest long poll; a shutdown is noticed after at most one poll
+
+    def __init__(
+        self, config: Config, dead_letter_target: Publisher, *, client: Any = None
+    ) -> None:
+        self.url = config.queue
+        self.visibility_timeout = config.visibility_timeout
+        self.target = dead_letter_target
+        self.client = client or CloudClients(config).sqs(self.url)
+        self._held: dict[str, str] = {}  # message id -> receipt handle, received and unsettled
+        self._lock = threading.Lock()
+
+    def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
+        with _translated(aws_error, "queue"):
+            response = self.client.receive_message(
+                QueueUrl=self.url,
+                MaxNumberOfMessages=max(1, min(10, max_messages)),
+                WaitTimeSeconds=max(0, min(20, int(wait_seconds))),
+                VisibilityTimeout=self.visibility_timeout,
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+            )
+        messages = [self._message(item) for item in response.get("Messages", [])]
+        with self._lock:
+            self._held.update({m.message_id: m.handle for m in messages})
+        return messages
+
+    @staticmethod
+    def _message(item: Mapping[str, Any]) -> Message:
+        attributes = item.get("Attributes", {})
+        return Message(
+            body=item["Body"].encode("utf-8"),
+            receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
+            handle=item["ReceiptHandle"],
+            message_id=item["MessageId"],
+        )
+
+    def _settled(self, message: Message) -> None:
+        with self._lock:
+            self._held.pop(message.message_id, None)
+
+    def ack(self, message: Message) -> None:
+        with _translated(aws_error, "queue"):
+            self.client.delete_message(QueueUrl=self.url, ReceiptHandle=message.handle)
+        self._settled(message)
+
+    def retry_later(self, message: Message, delay: float) -> None:
+        self._set_visibility(message.handle, delay)
+        self._settled(message)
+
+    def extend(self, message: Message, seconds: float) -> None:
+        self._set_visibility(message.handle, seconds)
+
+    def _set_visibility(self, handle: str, seconds: float) -> None:
+        with _translated(aws_error, "queue"):
+            self.client.change_message_visibility(
+                QueueUrl=self.url,
+                ReceiptHandle=handle,
+                VisibilityTimeout=max(0, min(43200, int(seconds))),
+            )
+
+    def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
+        self.target.publish(json.dumps(envelope).encode("utf-8"))
+        self.ack(message)
+
+    def check(self) -> None:
+        with _translated(aws_error, "queue"):
+            self.client.get_queue_attributes(QueueUrl=self.url, AttributeNames=["QueueArn"])
+
+    def close(self) -> None:
+        """Hand back what was received and never settled (visibility 0), so another worker
+        picks it up now instead of after the visibility timeout."""
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for handle in held:
+            with contextlib.suppress(TransferError):
+                self._set_visibility(handle, 0)
+
+
+class SQSPublisher:
+    """SendMessage to one queue (dead-letter queue, ``submit --to``). SQS has no priorities:
+    ``priority`` is ignored (use a queue per priority)."""
+
+    def __init__(self, url: str, config: Config, *, client: Any = None) -> None:
+        self.url = url
+        self.client = client or CloudClients(config).sqs(url)
+
+    def publish(self, body: bytes, *, priority: str = "normal") -> str:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PermanentError(
+                "SQS message bodies must be UTF-8 text", reason="queue_error"
+            ) from None
+        with _translated(aws_error, "queue"):
+            response = self.client.send_message(QueueUrl=self.url, MessageBody=text)
+        return str(response["MessageId"])
+
+
+# -- Pub/Sub ---------------------------------------------------------------------------------------
+
+
+class PubSubQueue:
+    """A Pub/Sub subscription through streaming pull. The client's flow control holds at most
+    ``concurrency`` messages outstanding and its lease management keeps them leased (up to two
+    hours) until ack or nack; the callback only moves them into a buffer that receive() drains.
+    ``delivery_attempt`` is the delivery count when the subscription has a dead_letter_policy
+    (the safety net for messages that keep killing workers); without one it is always 1.
+    retry_later() is a nack: the subscription's retry_policy provides the backoff."""
+
+    receive_wait = 1.0  # receive() only drains a local buffer, so keep shutdown prompt
+    startup_wait = 5.0  # the first receive waits for the stream to open (run --once)
+    max_lease = 2 * 3600  # seconds a transfer may keep its message leased
+
+    def __init__(
+        self, config: Config, dead_letter_target: Publisher, *, subscriber: Any = None
+    ) -> None:
+        from google.cloud import pubsub_v1
+
+        self.subscription = config.queue
+        self.target = dead_letter_target
+        self.subscriber = subscriber or pubsub_v1.SubscriberClient()
+        lease = max(10, min(600, config.visibility_timeout))  # Pub/Sub allows 10..600 s
+        self.flow_control = pubsub_v1.types.FlowControl(
+            max_messages=config.concurrency,
+            max_bytes=config.concurrency * config.max_message_bytes * 2,
+            max_lease_duration=self.max_lease,
+            min_duration_per_lease_extension=lease,
+            max_duration_per_lease_extension=lease,
+        )
+        self.buffer: queue_module.Queue[Any] = queue_module.Queue()
+        self.future: Any = None
+        self.closing = threading.Event()
+        self._lock = threading.Lock()
+        self._started_at = 0.0
+
+    def _stream(self) -> Any:
+        with self._lock:
+            if self.future is None:
+                self.future = self.subscriber.subscribe(
+                    self.subscription,
+                    self._on_message,
+                    flow_control=self.flow_control,
+                    await_callbacks_on_shutdown=True,
+                )
+                self._started_at = time.monotonic()
+            return self.future
+
+    def _on_message(self, message: Any) -> None:
+        if self.closing.is_set():
+            message.nack()
+        else:
+            self.buffer.put(message)
+
+    def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
+        future = self._stream()
+        if future.done():  # the stream ended for good: subscription gone, permission denied
+            with _translated(google_error, "queue"):
+                future.result()
+        wait = max(wait_seconds, self._started_at + self.startup_wait - time.monotonic())
+        taken = []
+        with contextlib.suppress(queue_module.Empty):
+            taken.append(self.buffer.get(timeout=wait) if wait > 0 else self.buffer.get_nowait())
+            while len(taken) < max_messages:
+                taken.append(self.buffer.get_nowait())
+        return [self._message(item) for item in taken]
+
+    @staticmethod
+    def _message(item: Any) -> Message:
+        return Message(
+            body=bytes(item.data),
+            receive_count=item.delivery_attempt or 1,
+            handle=item,
+            message_id=item.message_id,
+        )
+
+    def ack(self, message: Message) -> None:
+        message.handle.ack()
+
+    def retry_later(self, message: Message, delay: float) -> None:
+        message.handle.nack()
+
+    def extend(self, message: Message, seconds: float) -> None:
+        """Nothing to do: the client's lease management extends every message it holds."""
+
+    def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
+        self.target.publish(json.dumps(envelope).encode("utf-8"))
+        message.handle.ack()
+
+    def check(self) -> None:
+        """The stream is open or opening. Needs no permission beyond consuming (roles/pubsub.
+        subscriber has no subscriptions.get); a missing subscription or a denied one ends the
+        stream with that error."""
+        future = self._stream()
+        if future.done():
+            with _translated(google_error, "queue"):
+                future.result()
+
+    def close(self) -> None:
+        """Nack what was buffered and not handed out, then end the streaming pull."""
+        self.closing.set()
+        with contextlib.suppress(queue_module.Empty):
+            while True:
+                self.buffer.get_nowait().nack()
+        if self.future is not None:
+            self.future.cancel()
+            with contextlib.suppress(Exception):
+                self.future.result(timeout=10)
+        with contextlib.suppress(Exception):
+            self.subscriber.close()
+
+
+class PubSubPublisher:
+    """Publishes to one topic and waits for the server's acknowledgement; ``priority`` travels as
+    a message attribute (Pub/Sub has no priorities; subscriptions may filter on it)."""
+
+    timeout = 60.0
+
+    def __init__(self, topic: str, config: Config, *, publisher: Any = None) -> None:
+        from google.cloud import pubsub_v1
+
+        self.topic = topic
+        self.publisher = publisher or pubsub_v1.PublisherClient()
+
+    def publish(self, body: bytes, *, priority: str = "normal") -> str:
+        with _translated(google_error, "queue"):
+            future = self.publisher.publish(self.topic, body, priority=priority)
+            return str(future.result(timeout=self.timeout))
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+CLOUD_STORES["aws_s3"] = S3Store.from_config
+CLOUD_STORES["gcp_gcs"] = lambda config, clients: GCSStore.from_config(config)
+QUEUES[r"^https?://"] = lambda config, target, clients: SQSQueue(
+    config, target, client=clients.sqs(config.queue)
+)
+QUEUES[r"^projects/[^/]+/subscriptions/[^/]+$"] = lambda config, target, clients: PubSubQueue(
+    config, target
+)
+PUBLISHERS[r"^https?://"] = lambda url, config, clients: SQSPublisher(
+    url, config, client=clients.sqs(url)
+)
+PUBLISHERS[r"^projects/[^/]+/topics/[^/]+$"] = lambda topic, config, clients: PubSubPublisher(
+    topic, config
+)
 
 
 # =================================================================================================
@@ -1105,6 +2562,7 @@ def make_logger(level: str = "INFO", stream: TextIO | None = None) -> Any:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
             structlog.processors.format_exc_info,
+            redact_secrets,
             structlog.processors.EventRenamer("message"),
             _seed_field_order,
             structlog.processors.JSONRenderer(sort_keys=False),
@@ -1120,7 +2578,7 @@ class Readiness:
 
     def __init__(
         self,
-        checks: Mapping[str, Callable[[], None]],
+        checks: Mapping[str, Callable[[], object]],
         *,
         ttl: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
@@ -1289,7 +2747,10 @@ class Worker:
         self._in_flight: dict[int, Message] = {}
         self._in_flight_lock = threading.Condition()
         self._stop_requested_at: float | None = None
-        self._work: SimpleQueue[tuple[int, Message] | None] = SimpleQueue()
+        self._cancelled: set[str] = set()  # message ids handed back by the drain
+        self._work: queue_module.SimpleQueue[tuple[int, Message] | None] = (
+            queue_module.SimpleQueue()
+        )
         self._next_id = 0
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -1389,11 +2850,20 @@ class Worker:
             )
             left = list(self._in_flight.values())
         for message in left:
+            self._cancelled.add(message.message_id)
             self._settle_quietly(functools.partial(self.queue.retry_later, message, 0))
         if left:
             self.log.warning(
                 "Drain timeout passed; handed back unfinished messages", count=len(left)
             )
+            # Their transfers stop at the next chunk and abort their uploads (no orphan S3
+            # multipart upload); a short, bounded wait lets them do so before the process ends.
+            with self._in_flight_lock:
+                self._in_flight_lock.wait_for(lambda: not self._in_flight, timeout=5.0)
+
+    def _stop_if_handed_back(self, message: Message) -> None:
+        if message.message_id in self._cancelled:
+            raise ShutdownRequested()
 
     # -- one message ------------------------------------------------------------------------------
 
@@ -1456,12 +2926,14 @@ class Worker:
 
         def attempt() -> TransferResult:
             attempts[0] += 1
-            return self.engine.transfer(event)
+            return self.engine.transfer(
+                event, on_progress=lambda _: self._stop_if_handed_back(message)
+            )
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(remaining),
             wait=tenacity.wait_exponential_jitter(
-                initial=self.config.backoff_initial,
+                multiplier=self.config.backoff_initial,
                 max=self.config.backoff_max,
                 jitter=self.config.backoff_initial,
             ),
@@ -1604,7 +3076,7 @@ def make_envelope(
         "body": body,
         "body_encoding": encoding,
         "reason": exc.reason,
-        "error": str(exc),
+        "error": redact(str(exc)),
         "attempts": attempts,
         "receive_count": message.receive_count,
         "worker_id": worker_id,
@@ -1634,7 +3106,7 @@ def _peek_ids(body: bytes) -> tuple[str | None, str | None]:
 COMMANDS = ("run", "submit", "validate", "dlq")
 
 
-def build_stores(config: Config) -> dict[str, ObjectStore]:
+def build_stores(config: Config, clients: CloudClients | None = None) -> dict[str, ObjectStore]:
     if config.storage == "local":
         metadata = LocalMetadata(config.local_root)
         return {
@@ -1643,38 +3115,43 @@ def build_stores(config: Config) -> dict[str, ObjectStore]:
             )
             for p in PROVIDERS
         }
-    return {name: factory(config) for name, factory in CLOUD_STORES.items()}
+    clients = clients or CloudClients(config)
+    return {name: factory(config, clients) for name, factory in CLOUD_STORES.items()}
 
 
-def build_publisher(spec: str, config: Config) -> Any:
+def _registered(registry: Mapping[str, Any], spec: str) -> Any:
+    """The factory whose pattern matches ``spec``; None means a local SQLite path."""
+    return next((f for pattern, f in registry.items() if re.match(pattern, spec)), None)
+
+
+def build_publisher(spec: str, config: Config, clients: CloudClients | None = None) -> Any:
     """A Publisher for ``spec``: SQS queue URL, Pub/Sub topic path, or a SQLite queue path."""
-    for pattern, factory in PUBLISHERS.items():
-        if re.match(pattern, spec):
-            return factory(spec, config)
-    return local_queue(config, spec)
+    factory = _registered(PUBLISHERS, spec)
+    if factory is None:
+        return local_queue(config, spec)
+    return factory(spec, config, clients or CloudClients(config))
 
 
-def build_queue(config: Config) -> MessageQueue:
+def build_queue(config: Config, clients: CloudClients | None = None) -> MessageQueue:
     """The queue to consume from ``--queue`` and where ``--dead-letter`` envelopes go."""
-    target = build_dead_letter_target(config)
-    for pattern, factory in QUEUES.items():
-        if re.match(pattern, config.queue):
-            if target is None:
-                raise ValueError(
-                    "--dead-letter is required with a cloud queue "
-                    "(an SQS queue URL or projects/P/topics/T)"
-                )
-            return factory(config, target)
-    return local_queue(config, config.queue, dead_letter_target=target)
+    clients = clients or CloudClients(config)
+    target = build_dead_letter_target(config, clients)
+    factory = _registered(QUEUES, config.queue)
+    if factory is None:
+        return local_queue(config, config.queue, dead_letter_target=target)
+    if target is None:
+        raise ValueError(
+            "--dead-letter is required with a cloud queue (an SQS queue URL or projects/P/topics/T)"
+        )
+    return factory(config, target, clients)
 
 
-def build_dead_letter_target(config: Config) -> Publisher | None:
+def build_dead_letter_target(config: Config, clients: CloudClients) -> Publisher | None:
     if not config.dead_letter:
         return None
-    for pattern, factory in PUBLISHERS.items():
-        if re.match(pattern, config.dead_letter):
-            return factory(config.dead_letter, config)
-    return LocalDeadLetters(local_queue(config, config.dead_letter))
+    if _registered(PUBLISHERS, config.dead_letter) is None:
+        return LocalDeadLetters(local_queue(config, config.dead_letter))
+    return build_publisher(config.dead_letter, config, clients)
 
 
 def local_queue(config: Config, path: str = "", **kwargs: Any) -> LocalQueue:
@@ -1683,13 +3160,6 @@ def local_queue(config: Config, path: str = "", **kwargs: Any) -> LocalQueue:
         visibility_timeout=config.visibility_timeout,
         **kwargs,
     )
-
-
-# Cloud adapters register here (section 7); the keys are regular expressions on the --queue,
-# --dead-letter and --to values.
-CLOUD_STORES: dict[str, Callable[[Config], ObjectStore]] = {}
-QUEUES: dict[str, Callable[[Config, Publisher], MessageQueue]] = {}
-PUBLISHERS: dict[str, Callable[[str, Config], Publisher]] = {}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1849,11 +3319,17 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     log = make_logger(config.log_level)
-    stores = build_stores(config)
-    queue = build_queue(config)
+    clients = CloudClients(config)
+    # Credentials first: a misconfiguration fails here, naming the setting to fix (exit 2).
+    session = clients.aws_session() if needs_aws(config, os.environ) else None
+    for note in check_credentials(config, session):
+        log.warning(note)
+    stores = build_stores(config, clients)
+    queue = build_queue(config, clients)
     metrics = Metrics()
-    checks: dict[str, Callable[[], None]] = {"queue": queue.check}
+    checks: dict[str, Callable[[], object]] = {"queue": queue.check}
     checks.update({f"store:{name}": store.check for name, store in stores.items()})
+    checks["credentials"] = functools.partial(check_credentials, config, session)
     readiness = Readiness(checks)
     for store in stores.values():
         if isinstance(store, LocalObjectStore):
@@ -1897,8 +3373,6 @@ HANDLERS = {"run": cmd_run, "submit": cmd_submit, "validate": cmd_validate, "dlq
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with contextlib.suppress(ModuleNotFoundError):  # TEMPORARY: cloud adapters under development
-        import cloud_adapters_wip  # noqa: F401
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["run", *argv]
