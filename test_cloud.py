@@ -633,3 +633,23 @@ def test_sigterm_during_a_transfer_exits_0_and_loses_nothing(
     assert again.outcomes("success") or again.outcomes("skipped") or worker.outcomes("success")
     assert_copied(buckets, event, data)
     assert channel.is_empty()
+
+
+def test_s3_parts_grow_to_stay_within_ten_thousand(aws_env: str):
+    """A 200 GiB object at 8 MiB parts would need 25,600 parts; S3 allows 10,000. The upload is
+    created for real on moto (and aborted), nothing of that size is sent."""
+    import boto3
+
+    import transfer_worker as tw
+
+    boto3.client("s3").create_bucket(Bucket="parts-limit-bucket")
+    store = tw.S3Store(part_size=8 * tw.MiB, clients=tw.AwsClients(pool=2))
+    ref = tw.ObjectRef("aws_s3", "parts-limit-bucket", "huge.bin")
+    upload = store.open_write(ref, size=200 * 1024 * tw.MiB, content_type="x/y", metadata={})
+    try:
+        assert upload.part_size == 21 * tw.MiB  # ceil(200 GiB / 10,000) rounded up to a MiB
+        assert upload.upload_id is not None
+    finally:
+        upload.abort()
+    listed = boto3.client("s3").list_multipart_uploads(Bucket="parts-limit-bucket")
+    assert listed.get("Uploads", []) == []

@@ -1317,6 +1317,7 @@ CONNECT_TIMEOUT = 10.0  # seconds to open a connection to a cloud API
 READ_TIMEOUT = 120.0  # seconds without a byte from a cloud API before the attempt is retried
 UPLOAD_WINDOW = 2  # default of --upload-window
 GCS_QUANTUM = 256 * 1024  # resumable upload chunks are multiples of this
+S3_MAX_PARTS = 10_000  # parts in one S3 multipart upload
 
 # Reasons of RetryableError, bounded: they label retry_count_total.
 THROTTLED, UNAVAILABLE, NETWORK, TIMEOUT, CREDENTIALS = (
@@ -1652,6 +1653,8 @@ class S3Upload:
         self.finished = False
         self.executor: ThreadPoolExecutor | None = None
         self.slots = threading.BoundedSemaphore(store.window)
+        # S3 allows 10,000 parts: past --part-size x 10,000 (78 GiB at 8 MiB) parts grow, in MiB.
+        self.part_size = max(store.part_size, -(-size // (S3_MAX_PARTS * MiB)) * MiB)
         if size > store.part_size:
             self._create()
 
@@ -1671,7 +1674,7 @@ class S3Upload:
     def write(self, chunk: bytes) -> None:
         self.buffer += chunk
         self.written += len(chunk)
-        part = self.store.part_size
+        part = self.part_size
         if self.upload_id is None:
             if len(self.buffer) > part:
                 raise SourceChanged(f"source of {self.ref.uri} is longer than {self.size} bytes")
