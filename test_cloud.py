@@ -653,3 +653,22 @@ def test_s3_parts_grow_to_stay_within_ten_thousand(aws_env: str):
         upload.abort()
     listed = boto3.client("s3").list_multipart_uploads(Bucket="parts-limit-bucket")
     assert listed.get("Uploads", []) == []
+
+
+def test_a_body_cut_mid_download_is_retryable_for_both_providers():
+    """urllib3 and http.client errors escape the SDKs unwrapped when a body is cut mid-read."""
+    import http.client
+
+    import urllib3
+
+    import transfer_worker as tw
+
+    cut = urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
+    short = http.client.IncompleteRead(b"partial", 100)
+    for translate in (tw.google_error, tw.aws_error):
+        for exc in (cut, short):
+            error = translate(exc, "source")
+            assert isinstance(error, tw.RetryableError) and error.reason == "network", (
+                translate,
+                exc,
+            )

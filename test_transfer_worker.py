@@ -1315,3 +1315,14 @@ def test_readme_documents_every_setting():
     for field in tw.Config.__dataclass_fields__:
         row_start = f"| `--{field.replace('_', '-')}` | `TRANSFER_WORKER_{field.upper()}` |"
         assert row_start in readme, f"README configuration table lacks {field}"
+
+
+@pytest.mark.parametrize("key", ["\ud800", "a\ud800b", "c1\u0085control", "del\u007f"])
+def test_keys_that_are_not_text_or_hold_control_characters_are_invalid_key(key: str):
+    raw = json.dumps(make_event(src=("aws_s3", "source-bucket", key))).encode()  # \ud800 escaped
+    with pytest.raises(tw.InvalidEvent) as caught:
+        parse(raw)
+    assert caught.value.reason in ("invalid_key", "invalid_event")
+    with pytest.raises(tw.InvalidEvent) as direct:
+        tw.check_key(key)
+    assert direct.value.reason == "invalid_key"

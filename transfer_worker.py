@@ -31,6 +31,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import http.client
 import json
 import os
 import queue as queue_module
@@ -354,9 +355,13 @@ def check_key(key: str, path: str = "$.key") -> None:
     S3 and GCS accept ``..`` segments and leading slashes, but a worker that writes such a key to a
     filesystem, or a downstream tool that does, can be tricked into writing outside the bucket, so
     the worker refuses them everywhere."""
-    if len(key.encode("utf-8")) > 1024:
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but not Unicode text
+        raise InvalidEvent(f"{path}: key is not valid Unicode", reason="invalid_key") from None
+    if len(encoded) > 1024:
         raise InvalidEvent(f"{path}: key is longer than 1024 UTF-8 bytes")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in key):  # C0, DEL and C1
         raise InvalidEvent(f"{path}: key contains a control character", reason="invalid_key")
     if key.startswith("/") or "\\" in key or any(part in (".", "..") for part in key.split("/")):
         raise InvalidEvent(
@@ -1395,16 +1400,17 @@ AWS_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 def aws_error(exc: Exception, side: str) -> TransferError | None:
     """The TransferError for a botocore exception, or None when ``exc`` is not one."""
     import botocore.exceptions as bex
+    import urllib3
 
     if isinstance(exc, bex.ClientError):
         return _aws_client_error(exc, side)
     if isinstance(exc, (bex.ReadTimeoutError, bex.ConnectTimeoutError)):
         return RetryableError(f"AWS timed out: {exc}", reason=TIMEOUT)
-    if isinstance(exc, (bex.HTTPClientError, bex.IncompleteReadError)):
+    network = (bex.HTTPClientError, bex.IncompleteReadError, urllib3.exceptions.HTTPError)
+    if isinstance(exc, (*network, http.client.HTTPException)):  # incl. a body cut mid-read
         return RetryableError(f"AWS connection failed: {exc}", reason=NETWORK)
-    if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
-        return RetryableError(f"AWS credentials unavailable: {exc}", reason=CREDENTIALS)
-    if isinstance(exc, bex.CredentialRetrievalError):
+    no_credentials = (bex.NoCredentialsError, bex.PartialCredentialsError)
+    if isinstance(exc, (*no_credentials, bex.CredentialRetrievalError)):
         return RetryableError(f"AWS credentials unavailable: {exc}", reason=CREDENTIALS)
     return None
 
@@ -1776,6 +1782,7 @@ def google_error(exc: Exception, side: str) -> TransferError | None:
     """The TransferError for a google-api-core / requests / google-auth exception, or None."""
     import google.auth.exceptions as gauth
     import requests
+    import urllib3
     from google.api_core import exceptions as gexc
 
     text = f"Google API: {type(exc).__name__}: {exc}"
@@ -1785,6 +1792,8 @@ def google_error(exc: Exception, side: str) -> TransferError | None:
         ((requests.exceptions.Timeout, TimeoutError), TIMEOUT),
         ((requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError), NETWORK),
         ((gauth.TransportError, ConnectionError), NETWORK),
+        # a body cut mid-download surfaces from urllib3 / http.client, unwrapped
+        ((urllib3.exceptions.HTTPError, http.client.HTTPException), NETWORK),
         ((gauth.RefreshError, gauth.DefaultCredentialsError), CREDENTIALS),
     )
     for kinds, reason in retryable:
@@ -2226,10 +2235,11 @@ class PubSubQueue:
             return self.future
 
     def _on_message(self, message: Any) -> None:
-        if self.closing.is_set():
-            message.nack()
-        else:
-            self.buffer.put(message)
+        with self._lock:  # never buffer a message after close() drained the buffer
+            if self.closing.is_set():
+                message.nack()
+            else:
+                self.buffer.put(message)
 
     def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
         future = self._stream()
@@ -2277,7 +2287,8 @@ class PubSubQueue:
 
     def close(self) -> None:
         """Nack what was buffered and not handed out, then end the streaming pull."""
-        self.closing.set()
+        with self._lock:
+            self.closing.set()
         with contextlib.suppress(queue_module.Empty):
             while True:
                 self.buffer.get_nowait().nack()
