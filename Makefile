@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 UV     := $(BIN)/uv
 
-.PHONY: run test install install-dev lint typecheck lock bench clean
+.PHONY: run test install install-dev lint lock bench campaigns-small campaigns-full clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ lint: install-dev
 lock: | $(BIN)/python
 	$(UV) pip compile --quiet requirements.in -o requirements.txt
 	$(UV) pip compile --quiet requirements-dev.in -o requirements-dev.txt
+
+bench: install-dev
+	cd bench && ../$(BIN)/python local_large.py && ../$(BIN)/python local_small.py
+
+# Reliability campaigns (tests/campaigns, figures in RELIABILITY.md): small in CI, full by hand.
+campaigns-small: install-dev
+	$(BIN)/python -m tests.campaigns.run --size small
+
+campaigns-full: install-dev
+	$(BIN)/python -m tests.campaigns.run --size full
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
