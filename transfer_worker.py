@@ -1585,8 +1585,8 @@ class S3Store:
 
     def check(self) -> None:
         """STS GetCallerIdentity: needs no IAM permission, proves that credentials resolve and
-        are accepted, and costs nothing. HeadBucket would need s3:ListBucket, which the worker's
-        least-privilege policy does not grant; ListBuckets is far broader still."""
+        are accepted, and costs nothing. HeadBucket would need to know every bucket the events
+        may name; ListBuckets is far broader than the worker's policy."""
         with _translated(aws_error, "queue"):
             self.clients.get("sts").get_caller_identity()
 
@@ -2267,7 +2267,24 @@ class PubSubQueue:
         message.handle.ack()
 
     def retry_later(self, message: Message, delay: float) -> None:
-        message.handle.nack()
+        message.handle.nack()  # drops it from the client's lease management...
+        self._release_now([message.handle])  # ...whose own modack may die with a closing stream
+
+    def _release_now(self, items: list[Any]) -> None:
+        """Make messages deliverable again at once, synchronously: the streaming pull client sends
+        nacks from a dispatcher thread that close() may stop before they leave, which would hold
+        the message until its lease ran out (the visibility timeout)."""
+        ack_ids = [item.ack_id for item in items]
+        if not ack_ids:
+            return
+        with contextlib.suppress(Exception), _translated(google_error, "queue"):
+            self.subscriber.modify_ack_deadline(
+                request={
+                    "subscription": self.subscription,
+                    "ack_ids": ack_ids,
+                    "ack_deadline_seconds": 0,
+                }
+            )
 
     def extend(self, message: Message, seconds: float) -> None:
         """Nothing to do: the client's lease management extends every message it holds."""
@@ -2289,9 +2306,13 @@ class PubSubQueue:
         """Nack what was buffered and not handed out, then end the streaming pull."""
         with self._lock:
             self.closing.set()
+        unstarted = []
         with contextlib.suppress(queue_module.Empty):
             while True:
-                self.buffer.get_nowait().nack()
+                unstarted.append(self.buffer.get_nowait())
+        for item in unstarted:
+            item.nack()
+        self._release_now(unstarted)
         if self.future is not None:
             self.future.cancel()
             with contextlib.suppress(Exception):

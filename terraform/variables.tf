@@ -1,0 +1,309 @@
+# ---------------------------------------------------------------------------------------------
+# Shared
+# ---------------------------------------------------------------------------------------------
+
+variable "worker_namespace" {
+  description = "Kubernetes namespace the worker runs in (deploy/k8s uses transfer-worker)."
+  type        = string
+  default     = "transfer-worker"
+
+  validation {
+    condition     = can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", var.worker_namespace))
+    error_message = "worker_namespace must be a valid Kubernetes namespace name."
+  }
+}
+
+variable "worker_service_account" {
+  description = "Kubernetes service account of the worker pods (deploy/k8s uses transfer-worker-sa)."
+  type        = string
+  default     = "transfer-worker-sa"
+
+  validation {
+    condition     = can(regex("^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", var.worker_service_account))
+    error_message = "worker_service_account must be a valid Kubernetes service account name."
+  }
+}
+
+variable "sqs_max_receive_count" {
+  description = "maxReceiveCount of the SQS redrive policy: receives of one message before SQS moves it to the dead-letter queue. Must exceed the worker's --max-retries (3) + 1."
+  type        = number
+  default     = 5
+
+  validation {
+    condition     = var.sqs_max_receive_count > 4 && var.sqs_max_receive_count <= 1000 && floor(var.sqs_max_receive_count) == var.sqs_max_receive_count
+    error_message = "sqs_max_receive_count must be a whole number from 5 to 1000 (it must exceed the worker's max retries 3 + 1)."
+  }
+}
+
+variable "pubsub_max_delivery_attempts" {
+  description = "max_delivery_attempts of the Pub/Sub dead_letter_policy: deliveries of one message before Pub/Sub forwards it to the dead-letter topic. Must exceed the worker's --max-retries (3) + 1."
+  type        = number
+  default     = 5
+
+  validation {
+    condition     = var.pubsub_max_delivery_attempts > 4 && var.pubsub_max_delivery_attempts <= 100 && floor(var.pubsub_max_delivery_attempts) == var.pubsub_max_delivery_attempts
+    error_message = "pubsub_max_delivery_attempts must be a whole number from 5 to 100 (Pub/Sub's maximum; it must exceed the worker's max retries 3 + 1)."
+  }
+}
+
+variable "visibility_timeout_seconds" {
+  description = "SQS visibility timeout and Pub/Sub ack deadline in seconds; matches the worker's --visibility-timeout (300), which the worker extends every third of it while a transfer runs."
+  type        = number
+  default     = 300
+
+  validation {
+    condition     = var.visibility_timeout_seconds >= 10 && var.visibility_timeout_seconds <= 600
+    error_message = "visibility_timeout_seconds must be between 10 and 600 (the Pub/Sub ack deadline maximum)."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# AWS
+# ---------------------------------------------------------------------------------------------
+
+variable "aws_region" {
+  description = "AWS region for the S3 buckets and SQS queues."
+  type        = string
+  default     = "us-east-1"
+
+  validation {
+    condition     = can(regex("^[a-z]{2}(-[a-z]+)+-[0-9]$", var.aws_region))
+    error_message = "aws_region must look like us-east-1."
+  }
+}
+
+variable "aws_source_buckets" {
+  description = "Names of the S3 buckets the worker reads from (s3:GetObject, s3:ListBucket). Created by this module."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.aws_source_buckets) > 0 && alltrue([for b in var.aws_source_buckets : can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", b))])
+    error_message = "aws_source_buckets needs at least one valid S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)."
+  }
+}
+
+variable "aws_destination_buckets" {
+  description = "Names of the S3 buckets the worker writes to (s3:PutObject, multipart, s3:GetObject for the idempotency check). Created by this module."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.aws_destination_buckets) > 0 && alltrue([for b in var.aws_destination_buckets : can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", b))])
+    error_message = "aws_destination_buckets needs at least one valid S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)."
+  }
+}
+
+variable "s3_sse_algorithm" {
+  description = "Default S3 encryption: aws:kms (the AWS managed aws/s3 key, usable by the worker without kms:* permissions) or AES256 (SSE-S3)."
+  type        = string
+  default     = "aws:kms"
+
+  validation {
+    condition     = contains(["aws:kms", "AES256"], var.s3_sse_algorithm)
+    error_message = "s3_sse_algorithm must be aws:kms or AES256."
+  }
+}
+
+variable "s3_noncurrent_version_expiration_days" {
+  description = "Days after which non-current object versions (left by overwrites) are deleted from the S3 buckets."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.s3_noncurrent_version_expiration_days >= 1
+    error_message = "s3_noncurrent_version_expiration_days must be at least 1."
+  }
+}
+
+variable "sqs_queue_name" {
+  description = "Name of the SQS queue the worker consumes (TRANSFER_WORKER_QUEUE is its URL)."
+  type        = string
+  default     = "transfer-events"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_-]{1,80}$", var.sqs_queue_name))
+    error_message = "sqs_queue_name must be 1-80 letters, digits, hyphens or underscores."
+  }
+}
+
+variable "sqs_dead_letter_queue_name" {
+  description = "Name of the SQS dead-letter queue (TRANSFER_WORKER_DEAD_LETTER is its URL)."
+  type        = string
+  default     = "transfer-events-dlq"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_-]{1,80}$", var.sqs_dead_letter_queue_name))
+    error_message = "sqs_dead_letter_queue_name must be 1-80 letters, digits, hyphens or underscores."
+  }
+}
+
+variable "sqs_message_retention_seconds" {
+  description = "How long the main SQS queue keeps an unconsumed message (the dead-letter queue always keeps 14 days)."
+  type        = number
+  default     = 345600
+
+  validation {
+    condition     = var.sqs_message_retention_seconds >= 60 && var.sqs_message_retention_seconds <= 1209600
+    error_message = "sqs_message_retention_seconds must be between 60 and 1209600 (14 days)."
+  }
+}
+
+variable "aws_role_name" {
+  description = "Name of the worker's IAM role (TRANSFER_WORKER_AWS_ROLE_ARN on GKE, the eks.amazonaws.com/role-arn annotation on EKS)."
+  type        = string
+  default     = "transfer-worker"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9+=,.@_-]{1,64}$", var.aws_role_name))
+    error_message = "aws_role_name must be a valid IAM role name (1-64 characters)."
+  }
+}
+
+variable "aws_role_audience" {
+  description = "Audience of the Google-signed ID token the worker on GKE presents to AWS STS (the worker's --aws-role-audience)."
+  type        = string
+  default     = "sts.amazonaws.com"
+
+  validation {
+    condition     = length(var.aws_role_audience) > 0
+    error_message = "aws_role_audience must not be empty."
+  }
+}
+
+variable "eks_oidc_provider_arn" {
+  description = "ARN of the EKS cluster's IAM OIDC provider (arn:aws:iam::ACCOUNT:oidc-provider/oidc.eks.REGION.amazonaws.com/id/ID), for IRSA and for the GCP workload identity provider \"eks\". null when the worker does not run on EKS."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.eks_oidc_provider_arn == null || can(regex("^arn:aws[a-z-]*:iam::[0-9]{12}:oidc-provider/.+$", var.eks_oidc_provider_arn))
+    error_message = "eks_oidc_provider_arn must be null or an IAM OIDC provider ARN."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# GCP
+# ---------------------------------------------------------------------------------------------
+
+variable "gcp_project_id" {
+  description = "GCP project holding the buckets, Pub/Sub resources, service account and workload identity pool."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]$", var.gcp_project_id))
+    error_message = "gcp_project_id must be a valid project id (6-30 lowercase letters, digits, hyphens)."
+  }
+}
+
+variable "gcp_region" {
+  description = "Default GCP region of the google provider."
+  type        = string
+  default     = "us-central1"
+
+  validation {
+    condition     = can(regex("^[a-z]+-[a-z]+[0-9]$", var.gcp_region))
+    error_message = "gcp_region must look like us-central1."
+  }
+}
+
+variable "gcs_location" {
+  description = "Location of the GCS buckets (a region, dual-region or multi-region such as US)."
+  type        = string
+  default     = "US"
+
+  validation {
+    condition     = length(var.gcs_location) > 0
+    error_message = "gcs_location must not be empty."
+  }
+}
+
+variable "gcs_source_buckets" {
+  description = "Names of the GCS buckets the worker reads from (storage.objects.get, storage.objects.list). Created by this module."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.gcs_source_buckets) > 0 && alltrue([for b in var.gcs_source_buckets : can(regex("^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$", b))])
+    error_message = "gcs_source_buckets needs at least one valid GCS bucket name."
+  }
+}
+
+variable "gcs_destination_buckets" {
+  description = "Names of the GCS buckets the worker writes to (storage.objects.create, .get, .delete). Created by this module."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.gcs_destination_buckets) > 0 && alltrue([for b in var.gcs_destination_buckets : can(regex("^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$", b))])
+    error_message = "gcs_destination_buckets needs at least one valid GCS bucket name."
+  }
+}
+
+variable "gcs_noncurrent_version_retention_days" {
+  description = "Days after which non-current object versions (left by overwrites) are deleted from the GCS buckets."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.gcs_noncurrent_version_retention_days >= 1
+    error_message = "gcs_noncurrent_version_retention_days must be at least 1."
+  }
+}
+
+variable "pubsub_topic_name" {
+  description = "Pub/Sub topic producers publish transfer events to."
+  type        = string
+  default     = "transfer-events"
+
+  validation {
+    condition     = can(regex("^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$", var.pubsub_topic_name))
+    error_message = "pubsub_topic_name must be a valid Pub/Sub topic id."
+  }
+}
+
+variable "pubsub_subscription_name" {
+  description = "Pub/Sub subscription the worker consumes (TRANSFER_WORKER_QUEUE=projects/P/subscriptions/S)."
+  type        = string
+  default     = "transfer-events"
+
+  validation {
+    condition     = can(regex("^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$", var.pubsub_subscription_name))
+    error_message = "pubsub_subscription_name must be a valid Pub/Sub subscription id."
+  }
+}
+
+variable "pubsub_dead_letter_topic_name" {
+  description = "Pub/Sub dead-letter topic (TRANSFER_WORKER_DEAD_LETTER=projects/P/topics/T); Pub/Sub's own dead lettering publishes here too."
+  type        = string
+  default     = "transfer-events-dead-letter"
+
+  validation {
+    condition     = can(regex("^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$", var.pubsub_dead_letter_topic_name))
+    error_message = "pubsub_dead_letter_topic_name must be a valid Pub/Sub topic id."
+  }
+}
+
+variable "gcp_service_account_id" {
+  description = "Account id of the worker's Google service account (transfer-worker@PROJECT.iam.gserviceaccount.com)."
+  type        = string
+  default     = "transfer-worker"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]$", var.gcp_service_account_id))
+    error_message = "gcp_service_account_id must be 6-30 lowercase letters, digits or hyphens."
+  }
+}
+
+variable "workload_identity_pool_id" {
+  description = "Id of the workload identity pool AWS identities are exchanged in (deploy/k8s/overlays/aws uses transfer-worker)."
+  type        = string
+  default     = "transfer-worker"
+
+  validation {
+    condition     = can(regex("^[a-z0-9-]{4,32}$", var.workload_identity_pool_id)) && !startswith(var.workload_identity_pool_id, "gcp-")
+    error_message = "workload_identity_pool_id must be 4-32 lowercase letters, digits or hyphens, not starting with gcp-."
+  }
+}
+
+variable "enable_gke_workload_identity" {
+  description = "Bind the KSA worker_namespace/worker_service_account of the project's GKE clusters to the worker's Google service account (GKE Workload Identity)."
+  type        = bool
+  default     = false
+}

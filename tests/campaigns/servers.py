@@ -1,0 +1,141 @@
+"""The protocol servers the cloud campaigns need, outside pytest: moto (S3 + SQS), the
+gcp-storage-emulator and the Cloud Pub/Sub emulator, all on 127.0.0.1, every start bounded.
+
+The helpers of /work/main/conftest.py are reused (free ports, bounded waits, the GCS start with
+retries, and the Pub/Sub emulator's jar lookup + the compiled InternalStatus shim that works around
+the emulator's streaming-pull-cancel defect); only the process management is repeated here because
+conftest starts the Pub/Sub emulator inside a pytest fixture."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import conftest as ct
+
+HOST = ct.HOST
+PROJECT = ct.GCP_PROJECT
+REGION = ct.AWS_REGION
+
+
+@contextlib.contextmanager
+def moto() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+    server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
+    ct._run_bounded(server.start, ct.MOTO_START_TIMEOUT, "moto server")
+    url = f"http://{HOST}:{server.get_host_and_port()[1]}"
+    try:
+        ct.wait_for(
+            lambda: ct._http_status(f"{url}/moto-api/config") in (200, 201), 30, message="moto"
+        )
+        yield url
+    finally:
+        stopper = threading.Thread(target=server.stop, name="stop-moto", daemon=True)
+        stopper.start()
+        stopper.join(10)
+
+
+@contextlib.contextmanager
+def gcs() -> Iterator[str]:
+    from gcp_storage_emulator.server import create_server
+
+    server, url = ct._start_gcs_emulator(create_server)
+    try:
+        yield url
+    finally:
+        stopper = threading.Thread(target=server.stop, name="stop-gcs", daemon=True)
+        stopper.start()
+        stopper.join(10)
+
+
+@contextlib.contextmanager
+def pubsub() -> Iterator[str]:
+    """The patched Pub/Sub emulator (see conftest's docstring); yields "127.0.0.1:PORT"."""
+    tools = ct._pubsub_tools()
+    fix_dir = ct._build_pubsub_fix(tools) if ct._jar_needs_fix(tools.jar) else None
+    classpath = os.pathsep.join([*([str(fix_dir)] if fix_dir else []), str(tools.jar)])
+    log_dir = Path(tempfile.mkdtemp(prefix="tw-pubsub-"))
+    proc = None
+    for attempt in range(3):
+        port = ct.free_port()
+        log_path = log_dir / f"emulator-{attempt}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    tools.java,
+                    "-XX:+UseSerialGC",
+                    "-XX:TieredStopAtLevel=1",
+                    "-cp",
+                    classpath,
+                    ct._jar_main_class(tools.jar),
+                    f"--host={HOST}",
+                    f"--port={port}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def up(proc: Any = proc, port: int = port, log_path: Path = log_path) -> str:
+            if proc.poll() is not None or ct._bind_failed(log_path):
+                return "failed"
+            return (
+                "up"
+                if ct._port_open(port) and ct._http_status(f"http://{HOST}:{port}/") == 200
+                else ""
+            )
+
+        if (
+            ct.wait_for(up, ct.PUBSUB_START_TIMEOUT, interval=0.1, message="Pub/Sub emulator")
+            == "up"
+        ):
+            break
+        ct._stop_process_group(proc)
+        proc = None
+    if proc is None:
+        raise RuntimeError(f"Pub/Sub emulator did not start; logs in {log_dir}")
+    try:
+        yield f"{HOST}:{port}"
+    finally:
+        ct._stop_process_group(proc)
+
+
+def aws_env(moto_url: str, s3_endpoint: str | None = None) -> dict[str, str]:
+    """Environment for a worker: SQS (and STS) at moto, S3 at ``s3_endpoint`` (the fault proxy)."""
+    return {
+        "AWS_ENDPOINT_URL": moto_url,
+        "AWS_ENDPOINT_URL_S3": s3_endpoint or moto_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def gcp_env(gcs_url: str, pubsub_host: str | None = None) -> dict[str, str]:
+    env = {"STORAGE_EMULATOR_HOST": gcs_url, "GOOGLE_CLOUD_PROJECT": PROJECT}
+    if pubsub_host:
+        env["PUBSUB_EMULATOR_HOST"] = pubsub_host
+    return env
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment minus real cloud credentials, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "GOOGLE_", "CLOUDSDK_", "PUBSUB_", "STORAGE_EMULATOR"))
+    }
+    env.update(extra)
+    return env
