@@ -5,10 +5,16 @@ Every server listens on 127.0.0.1; the clock is injected, nothing sleeps."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -757,3 +763,87 @@ def _event(key: str) -> dict[str, Any]:
         "destination": {"provider": "gcp_gcs", "bucket": "dest-bucket", "key": f"out/{key}"},
         "metadata": {"contentType": "application/octet-stream"},
     }
+
+
+def _unsigned_jwt(claims: dict[str, Any]) -> str:
+    def part(document: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJlLW5vdC1yZWFs"
+
+
+def test_cli_gcp_to_aws_transfer_with_no_key_in_any_file_or_variable(
+    aws_env: str, fake_http: FakeHttp, gcs_emulator: str, tmp_path: Path
+):
+    """The real CLI as a GKE pod would run it: the only identity is the Google ID token from the
+    metadata server (a local stand-in, found through GCE_METADATA_HOST as on GKE), exchanged with
+    moto's STS for the role; the S3 object then crosses to GCS (the emulator)."""
+    import boto3
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    now = int(time.time())
+    token = _unsigned_jwt(
+        {"aud": "sts.amazonaws.com", "sub": "1234567890", "iat": now, "exp": now + 3600}
+    )
+    flavor = {"Metadata-Flavor": "Google", "Content-Type": "text/plain"}
+    fake_http.text("GET", "/", "", **flavor)
+    fake_http.json(
+        "GET",
+        "/computeMetadata/v1/instance/service-accounts/default/",
+        {"email": SERVICE_ACCOUNT, "aliases": ["default"], "scopes": []},
+    )
+    fake_http.text(
+        "GET", "/computeMetadata/v1/instance/service-accounts/default/identity", token, **flavor
+    )
+    data = os.urandom(100_000)
+    s3 = boto3.client("s3", aws_access_key_id="setup-only", aws_secret_access_key="setup-only")
+    s3.create_bucket(Bucket="wif-source-bucket")
+    s3.put_object(Bucket="wif-source-bucket", Key="in/data.bin", Body=data)
+    gcs = storage.Client(
+        project="test-project",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": gcs_emulator},
+    )
+    gcs.create_bucket("wif-dest-bucket")
+
+    host = fake_http.url.removeprefix("http://")
+    env = {
+        k: v for k, v in os.environ.items() if not re.search(r"SECRET|TOKEN|KEY_ID|CREDENTIALS", k)
+    }
+    env.update(
+        GCE_METADATA_HOST=host,
+        GCE_METADATA_IP=host,
+        STORAGE_EMULATOR_HOST=gcs_emulator,
+        GOOGLE_CLOUD_PROJECT="test-project",
+        TRANSFER_WORKER_AWS_ROLE_ARN=ROLE,
+        TRANSFER_WORKER_STORAGE="cloud",
+        TRANSFER_WORKER_LOCAL_ROOT=str(tmp_path),
+        TRANSFER_WORKER_HTTP_PORT="0",
+    )
+    assert not [k for k in env if k.startswith("AWS_") and ("KEY" in k or "TOKEN" in k)]
+    event = _event("in/data.bin")
+    event["source"]["bucket"], event["destination"]["bucket"] = (
+        "wif-source-bucket",
+        "wif-dest-bucket",
+    )
+    script = str(Path(tw.__file__))
+    submitted = subprocess.run(
+        [sys.executable, script, "submit", "-"],
+        env=env,
+        timeout=60,
+        input=json.dumps(event).encode(),
+        capture_output=True,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    run = subprocess.run(
+        [sys.executable, script, "run", "--once"], env=env, timeout=120, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert gcs.bucket("wif-dest-bucket").blob("out/in/data.bin").download_as_bytes() == data
+    identity = fake_http.hits(
+        "GET", "/computeMetadata/v1/instance/service-accounts/default/identity"
+    )
+    assert identity and "audience=sts.amazonaws.com" in identity[0].path
+    assert token not in (run.stdout + run.stderr).decode()
+    assert b'"outcome": "success"' in run.stdout
