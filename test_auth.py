@@ -847,3 +847,90 @@ def test_cli_gcp_to_aws_transfer_with_no_key_in_any_file_or_variable(
     assert identity and "audience=sts.amazonaws.com" in identity[0].path
     assert token not in (run.stdout + run.stderr).decode()
     assert b'"outcome": "success"' in run.stdout
+
+
+def test_cli_aws_to_gcp_transfer_with_no_key_in_any_file_or_variable(
+    aws_env: str, google_side: tuple[FakeHttp, Path], gcs_emulator: str, tmp_path: Path
+):
+    """The real CLI as an EC2 worker would run it: boto3 and google-auth both take the instance
+    role from (a local stand-in for) EC2 metadata; google-auth trades it at (a stand-in for)
+    Google's STS through the external_account file; GCS requests go through a recording relay to
+    the emulator, so the bearer token the worker sends can be checked."""
+    import http.client
+
+    import boto3
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    fake, credentials_file = google_side
+    emulator = urllib.parse.urlsplit(gcs_emulator).netloc
+
+    def relay(request: Request) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection(emulator, timeout=30)
+        headers = {k: v for k, v in request.headers.items() if k not in ("host", "connection")}
+        connection.request(request.method, request.path, body=request.body, headers=headers)
+        response = connection.getresponse()
+        payload = response.read()
+        skip = ("content-length", "transfer-encoding", "connection")
+        return (
+            response.status,
+            {k: v for k, v in response.getheaders() if k.lower() not in skip},
+            payload,
+        )
+
+    for method in ("GET", "POST", "PUT"):
+        for prefix in ("/storage/v1/b/wif-gcs-dest/", "/upload/storage/v1/b/wif-gcs-dest/"):
+            fake.routes[(method, prefix)] = relay
+    data = os.urandom(50_000)
+    s3 = boto3.client("s3", aws_access_key_id="setup-only", aws_secret_access_key="setup-only")
+    s3.create_bucket(Bucket="wif-s3-source")
+    s3.put_object(Bucket="wif-s3-source", Key="in/data.bin", Body=data)
+    direct = storage.Client(
+        project="test-project",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": gcs_emulator},
+    )
+    direct.create_bucket("wif-gcs-dest")
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not re.search(r"SECRET|TOKEN|KEY_ID|EMULATOR_HOST", k)
+    }
+    env.update(
+        AWS_EC2_METADATA_DISABLED="false",
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=fake.url,
+        AWS_DEFAULT_REGION="us-east-1",
+        API_ENDPOINT_OVERRIDE=fake.url,
+        GOOGLE_APPLICATION_CREDENTIALS=str(credentials_file),
+        GOOGLE_CLOUD_PROJECT="test-project",
+        TRANSFER_WORKER_STORAGE="cloud",
+        TRANSFER_WORKER_LOCAL_ROOT=str(tmp_path),
+        TRANSFER_WORKER_HTTP_PORT="0",
+    )
+    assert "private_key" not in credentials_file.read_text()
+    event = _event("in/data.bin")
+    event["source"]["bucket"], event["destination"]["bucket"] = "wif-s3-source", "wif-gcs-dest"
+    script = str(Path(tw.__file__))
+    submitted = subprocess.run(
+        [sys.executable, script, "submit", "-"],
+        env=env,
+        timeout=60,
+        input=json.dumps(event).encode(),
+        capture_output=True,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    run = subprocess.run(
+        [sys.executable, script, "run", "--once"], env=env, timeout=120, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert direct.bucket("wif-gcs-dest").blob("out/in/data.bin").download_as_bytes() == data
+    exchange = fake.hits("POST", "/v1/token")
+    assert exchange and exchange[0].form["audience"] == WIF_AUDIENCE
+    gcs_requests = [r for r in fake.requests if "wif-gcs-dest" in r.path]
+    assert gcs_requests
+    assert {r.headers.get("authorization") for r in gcs_requests} == {
+        "Bearer ya29.service-account-token"
+    }
+    output = (run.stdout + run.stderr).decode()
+    assert "ya29." not in output and IMDS_CREDENTIALS["SecretAccessKey"] not in output
