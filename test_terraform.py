@@ -1,7 +1,7 @@
 """Static checks of terraform/ (providers cannot be downloaded here, so `terraform validate`
 cannot run): every .tf file is parsed with python-hcl2 and the parsed content is held to the
-README's "Permissions the worker needs" and to the queue / dead-letter settings the worker
-relies on.
+contract's permissions (plus the two destination reads the idempotency check needs, and opt-in
+grants that default to off) and to the queue / dead-letter settings the worker relies on.
 
 Each check is a function over the parsed configuration; the real configuration must pass it and a
 mutated copy (a wildcard, an extra action, a missing dead_letter_policy ...) must fail it, so the
@@ -39,29 +39,64 @@ ROOT = Path(__file__).resolve().parent
 TF = ROOT / "terraform"
 CHECK_SCRIPT = ROOT / ".ci" / "check-terraform"
 
-# The README's permission table, statement by statement: (actions, resources the statement is on).
+# The contract's permissions, as (action, resource kind) pairs. Resource kinds: source_objects
+# (arn:aws:s3:::SRC/*), source_buckets (arn:aws:s3:::SRC), destination_objects, destination_buckets,
+# queue, dead_letter_queue.
+CONTRACT_AWS = {
+    ("s3:GetObject", "source_objects"),
+    ("s3:PutObject", "destination_objects"),
+    ("s3:AbortMultipartUpload", "destination_objects"),
+    ("s3:ListMultipartUploadParts", "destination_objects"),
+    ("sqs:ReceiveMessage", "queue"),
+    ("sqs:DeleteMessage", "queue"),
+    ("sqs:ChangeMessageVisibility", "queue"),
+    ("sqs:GetQueueAttributes", "queue"),
+    ("sqs:SendMessage", "dead_letter_queue"),
+}
+# Beyond the contract, always granted: the worker HEADs the destination before every transfer
+# (idempotency by event id). HeadObject needs s3:GetObject, and s3:ListBucket for a 404 (not a
+# 403) on a key that does not exist yet.
+IDEMPOTENCY_AWS = {
+    ("s3:GetObject", "destination_objects"),
+    ("s3:ListBucket", "destination_buckets"),
+}
+# Beyond the contract, opt-in (variable -> pairs), every variable defaulting to false.
+OPT_IN_AWS = {
+    "s3_list_source_buckets": {("s3:ListBucket", "source_buckets")},
+    "s3_abort_orphan_uploads": {("s3:ListBucketMultipartUploads", "destination_buckets")},
+}
+# The statements by sid: the contract's four, then the two for the idempotency check.
 EXPECTED_AWS_STATEMENTS = {
-    "source_objects": ["s3:GetObject"],
-    "source_buckets": ["s3:ListBucket"],
-    "destination_objects": [
-        "s3:PutObject",
-        "s3:GetObject",
-        "s3:AbortMultipartUpload",
-        "s3:ListMultipartUploadParts",
-    ],
-    "destination_buckets": ["s3:ListBucket", "s3:ListBucketMultipartUploads"],
-    "queue": [
-        "sqs:ReceiveMessage",
-        "sqs:DeleteMessage",
-        "sqs:ChangeMessageVisibility",
-        "sqs:GetQueueAttributes",
-    ],
-    "dead_letter_queue": ["sqs:SendMessage"],
+    "SourceObjectsRead": (["s3:GetObject"], "source_objects"),
+    "DestinationObjectsWrite": (
+        ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+        "destination_objects",
+    ),
+    "DestinationObjectsHead": (["s3:GetObject"], "destination_objects"),
+    "DestinationBucketsHead": (["s3:ListBucket"], "destination_buckets"),
+    "QueueConsume": (
+        [
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:ChangeMessageVisibility",
+            "sqs:GetQueueAttributes",
+        ],
+        "queue",
+    ),
+    "DeadLetterSend": (["sqs:SendMessage"], "dead_letter_queue"),
 }
+# GCS: custom roles of one permission each, and which buckets each is bound on.
 EXPECTED_GCP_ROLES = {
-    "source": ["storage.objects.get", "storage.objects.list"],
-    "destination": ["storage.objects.create", "storage.objects.get", "storage.objects.delete"],
+    "reader": ["storage.objects.get"],
+    "writer": ["storage.objects.create"],
+    "overwriter": ["storage.objects.delete"],
 }
+CONTRACT_GCS = {
+    ("storage.objects.get", "source"),
+    ("storage.objects.create", "destination"),
+}
+IDEMPOTENCY_GCS = {("storage.objects.get", "destination")}
+OPT_IN_GCS = {"gcs_allow_overwrite": {("storage.objects.delete", "destination")}}
 WORKER_MAX_RETRIES = 3
 
 
@@ -149,24 +184,66 @@ def _classify_aws_resources(resources: Any) -> str:
     raise AssertionError(f"worker statement on unexpected resources: {text}")
 
 
+def _check_statement(st: dict[str, Any]) -> tuple[list[str], str]:
+    assert st.get("effect", "Allow") == "Allow", st
+    assert not {"not_actions", "not_resources", "principals", "not_principals"} & set(st), st
+    assert "condition" not in st, f"conditions would hide what is granted: {st}"
+    actions = st["actions"]
+    assert isinstance(actions, list), f"actions must be a literal list: {actions}"
+    for action in actions:
+        assert "*" not in action and "?" not in action, f"wildcard action {action}"
+        assert action != "s3:DeleteObject", "the worker never deletes objects on S3"
+    kind = _classify_aws_resources(st["resources"])
+    if "sqs:SendMessage" in actions:
+        assert kind == "dead_letter_queue", "sqs:SendMessage is for the dead-letter queue only"
+    return actions, kind
+
+
+_OPT_IN = re.compile(r'\$\{var\.(\w+) \? \["(\w+)"\] : \[\]\}')
+
+
+def worker_aws_grants(
+    c: dict[str, Any], enabled: frozenset[str] = frozenset()
+) -> set[tuple[str, str]]:
+    """(action, resource kind) pairs the worker's policy grants with the opt-in variables in
+    ``enabled`` set to true and the others false."""
+    doc = c["data"]["aws_iam_policy_document"]["worker"]
+    grants = set()
+    for st in doc["statement"]:
+        actions, kind = _check_statement(st)
+        grants |= {(a, kind) for a in actions}
+    for dyn in doc.get("dynamic", []):
+        block = dyn["statement"]
+        m = _OPT_IN.fullmatch(block["for_each"])
+        assert m, f"a dynamic statement must be gated by one bool variable: {block['for_each']}"
+        (content,) = block["content"]
+        assert content["sid"] == "${statement.value}"
+        if m.group(1) in enabled:
+            actions, kind = _check_statement(content)
+            grants |= {(a, kind) for a in actions}
+    return grants
+
+
 def check_worker_policy(c: dict[str, Any]) -> None:
     doc = c["data"]["aws_iam_policy_document"]["worker"]
-    assert "dynamic" not in doc, "the worker policy must be static"
-    seen: dict[str, list[str]] = {}
+    static = {}
     for st in doc["statement"]:
-        assert st.get("effect", "Allow") == "Allow", st
-        assert not {"not_actions", "not_resources", "principals", "not_principals"} & set(st), st
-        actions = st["actions"]
-        assert isinstance(actions, list), f"actions must be a literal list: {actions}"
-        for action in actions:
-            assert "*" not in action and "?" not in action, f"wildcard action {action}"
-            assert action != "s3:DeleteObject", "the worker never deletes objects on S3"
-        kind = _classify_aws_resources(st["resources"])
-        assert kind not in seen, f"two statements on {kind}"
-        seen[kind] = actions
-        if "sqs:SendMessage" in actions:
-            assert kind == "dead_letter_queue", "sqs:SendMessage is for the dead-letter queue only"
-    assert seen == EXPECTED_AWS_STATEMENTS
+        assert st["sid"] not in static, st["sid"]
+        static[st["sid"]] = _check_statement(st)
+    assert static == EXPECTED_AWS_STATEMENTS
+    # With the defaults: exactly the contract plus the idempotency reads.
+    for var in OPT_IN_AWS:
+        assert c["variable"][var]["type"] == "bool", var
+        assert c["variable"][var]["default"] is False, f"{var} must default to false"
+    assert worker_aws_grants(c) == CONTRACT_AWS | IDEMPOTENCY_AWS
+    # Each opt-in adds exactly its own pairs, and nothing else is reachable.
+    matches = [_OPT_IN.fullmatch(d["statement"]["for_each"]) for d in doc.get("dynamic", [])]
+    gated = {m.group(1) for m in matches if m}
+    assert gated == set(OPT_IN_AWS)
+    for var, pairs in OPT_IN_AWS.items():
+        assert worker_aws_grants(c, frozenset({var})) == CONTRACT_AWS | IDEMPOTENCY_AWS | pairs
+    every = set().union(*OPT_IN_AWS.values())
+    assert worker_aws_grants(c, frozenset(OPT_IN_AWS)) == CONTRACT_AWS | IDEMPOTENCY_AWS | every
 
 
 def check_worker_role_has_only_that_policy(c: dict[str, Any]) -> None:
@@ -287,7 +364,9 @@ def check_s3_buckets(c: dict[str, Any]) -> None:
         if r.get("status") == "Enabled" and r.get("abort_incomplete_multipart_upload")
     ]
     assert len(aborts) == 1, lifecycle["rule"]
-    assert aborts[0]["abort_incomplete_multipart_upload"][0]["days_after_initiation"] == 1
+    days = aborts[0]["abort_incomplete_multipart_upload"][0]["days_after_initiation"]
+    assert days == "${var.abort_incomplete_multipart_upload_days}"
+    assert _int_default(c, "abort_incomplete_multipart_upload_days") >= 1
     assert aborts[0].get("filter") == [{}], "the abort rule must apply to every key"
 
     policy = res["aws_s3_bucket_policy"]["transfer"]
@@ -297,21 +376,57 @@ def check_s3_buckets(c: dict[str, Any]) -> None:
     assert _conditions(tls) == {"aws:SecureTransport": ("Bool", ["false"])}
 
 
+# for_each of a bucket binding -> the kinds of bucket it binds on, given the opt-in variables.
+def _gcs_binding_kinds(for_each: str, enabled: frozenset[str]) -> set[str]:
+    if for_each == "${local.gcs_buckets}":
+        return {"source", "destination"}
+    if for_each == "${toset(var.gcs_destination_buckets)}":
+        return {"destination"}
+    if for_each == "${toset(var.gcs_source_buckets)}":
+        return {"source"}
+    m = re.fullmatch(
+        r"\$\{var\.(\w+) \? toset\(var\.gcs_destination_buckets\) : toset\(\[\]\)\}", for_each
+    )
+    assert m, f"unexpected for_each on a bucket binding: {for_each}"
+    return {"destination"} if m.group(1) in enabled else set()
+
+
+def worker_gcs_grants(
+    c: dict[str, Any], enabled: frozenset[str] = frozenset()
+) -> set[tuple[str, str]]:
+    """(permission, bucket kind) pairs the worker's service account holds on GCS."""
+    roles = c["resource"]["google_project_iam_custom_role"]
+    grants = set()
+    for name, binding in c["resource"]["google_storage_bucket_iam_member"].items():
+        assert binding["member"] == "${google_service_account.worker.member}", name
+        m = re.fullmatch(
+            r"\$\{google_project_iam_custom_role\.(\w+)(?:\[0\])?\.id\}", binding["role"]
+        )
+        assert m, f"bucket binding {name} must use one of the custom roles: {binding['role']}"
+        kinds = _gcs_binding_kinds(binding["for_each"], enabled)
+        grants |= {(perm, kind) for perm in roles[m.group(1)]["permissions"] for kind in kinds}
+    return grants
+
+
 def check_gcp_roles(c: dict[str, Any]) -> None:
     roles = c["resource"]["google_project_iam_custom_role"]
     assert {name: r["permissions"] for name, r in roles.items()} == EXPECTED_GCP_ROLES
+    assert roles["overwriter"]["count"] == "${var.gcs_allow_overwrite ? 1 : 0}"
     # Bound on the buckets, never on the project.
     for kind in (
         "google_project_iam_member",
         "google_project_iam_binding",
         "google_project_iam_policy",
+        "google_storage_bucket_iam_binding",
+        "google_storage_bucket_iam_policy",
     ):
         assert not c["resource"].get(kind), kind
-    (binding,) = c["resource"]["google_storage_bucket_iam_member"].values()
-    assert binding["for_each"] == "${local.gcs_buckets}"
-    assert binding["member"] == "${google_service_account.worker.member}"
-    assert "google_project_iam_custom_role.source.id" in binding["role"]
-    assert "google_project_iam_custom_role.destination.id" in binding["role"]
+    for var in OPT_IN_GCS:
+        assert c["variable"][var]["type"] == "bool", var
+        assert c["variable"][var]["default"] is False, f"{var} must default to false"
+    assert worker_gcs_grants(c) == CONTRACT_GCS | IDEMPOTENCY_GCS
+    every = set().union(*OPT_IN_GCS.values())
+    assert worker_gcs_grants(c, frozenset(OPT_IN_GCS)) == CONTRACT_GCS | IDEMPOTENCY_GCS | every
 
 
 def check_gcp_worker_pubsub(c: dict[str, Any]) -> None:
@@ -363,10 +478,12 @@ def check_gcs_buckets(c: dict[str, Any]) -> None:
     assert bucket["uniform_bucket_level_access"] is True
     assert bucket["public_access_prevention"] == "enforced"
     assert bucket["versioning"] == [{"enabled": True}]
-    assert any(
-        r["action"] == [{"type": "AbortIncompleteMultipartUpload"}]
+    (abort,) = [
+        r
         for r in bucket["lifecycle_rule"]
-    )
+        if r["action"] == [{"type": "AbortIncompleteMultipartUpload"}]
+    ]
+    assert abort["condition"] == [{"age": "${var.abort_incomplete_multipart_upload_days}"}]
 
 
 def check_workload_identity(c: dict[str, Any]) -> None:
@@ -376,7 +493,13 @@ def check_workload_identity(c: dict[str, Any]) -> None:
         "google.subject": "assertion.arn",
         "attribute.aws_role": "assertion.arn.extract('assumed-role/{role}/')",
     }
-    assert aws["attribute_condition"] == "attribute.aws_role == '${aws_iam_role.worker.name}'"
+    assert aws["attribute_condition"] == (
+        "assertion.arn.startsWith('${local.worker_assumed_role_arn_prefix}')"
+    )
+    assert c["locals"]["worker_assumed_role_arn_prefix"] == (
+        "arn:${data.aws_partition.current.partition}:sts::"
+        "${data.aws_caller_identity.current.account_id}:assumed-role/${aws_iam_role.worker.name}/"
+    )
     assert aws["aws"] == [{"account_id": "${data.aws_caller_identity.current.account_id}"}]
     users = {
         name: b
@@ -442,6 +565,7 @@ def test_expected_files_exist() -> None:
         "aws.tf",
         "gcp.tf",
         "terraform.tfvars.example",
+        "README.md",
     ):
         assert name in names, name
     assert not (TF / "terraform.tfvars").exists(), "terraform.tfvars must not be committed"
@@ -493,6 +617,24 @@ MUTATIONS = {
         check_worker_policy,
         lambda c: _statement(c, "SourceObjectsRead")["actions"].append("s3:Get*"),
     ),
+    "extra action on sources": (
+        check_worker_policy,
+        lambda c: _statement(c, "SourceObjectsRead")["actions"].append("s3:GetObjectTagging"),
+    ),
+    "statement on every bucket": (
+        check_worker_policy,
+        lambda c: _statement(c, "SourceObjectsRead").update(resources=["arn:aws:s3:::*"]),
+    ),
+    "opt-in granted by default": (
+        check_worker_policy,
+        lambda c: c["variable"]["s3_abort_orphan_uploads"].update(default=True),
+    ),
+    "ungated dynamic statement": (
+        check_worker_policy,
+        lambda c: c["data"]["aws_iam_policy_document"]["worker"]["dynamic"][0]["statement"].update(
+            for_each='${["SourceBucketsList"]}'
+        ),
+    ),
     "s3:DeleteObject on destinations": (
         check_worker_policy,
         lambda c: _statement(c, "DestinationObjectsWrite")["actions"].append("s3:DeleteObject"),
@@ -529,9 +671,19 @@ MUTATIONS = {
     ),
     "extra GCS permission": (
         check_gcp_roles,
-        lambda c: c["resource"]["google_project_iam_custom_role"]["source"]["permissions"].append(
-            "storage.objects.delete"
+        lambda c: c["resource"]["google_project_iam_custom_role"]["reader"]["permissions"].append(
+            "storage.objects.list"
         ),
+    ),
+    "GCS writer bound on sources": (
+        check_gcp_roles,
+        lambda c: c["resource"]["google_storage_bucket_iam_member"]["writer"].update(
+            for_each="${local.gcs_buckets}"
+        ),
+    ),
+    "GCS overwrite granted by default": (
+        check_gcp_roles,
+        lambda c: c["variable"]["gcs_allow_overwrite"].update(default=True),
     ),
     "no dead_letter_policy": (
         check_subscription,
@@ -544,6 +696,12 @@ MUTATIONS = {
     "variable without description": (
         check_descriptions,
         lambda c: c["variable"]["aws_region"].pop("description"),
+    ),
+    "workload identity provider on any role": (
+        check_workload_identity,
+        lambda c: c["resource"]["google_iam_workload_identity_pool_provider"]["aws"].update(
+            attribute_condition="assertion.arn.startsWith('arn:aws:sts::')"
+        ),
     ),
     "open workload identity provider": (
         check_workload_identity,

@@ -1687,11 +1687,20 @@ class S3Upload:
             return
         # A full part is sent unless it may be the last one (then commit() sends it).
         while len(self.buffer) > part or (len(self.buffer) == part and self.written < self.size):
-            self._send_part(bytes(self.buffer[:part]))
+            # Wait for a free slot before copying the part out: memory stays at window parts in
+            # flight plus this buffer, and the copy is made once.
+            self.slots.acquire()
+            with memoryview(self.buffer) as view:
+                data = view[:part].tobytes()
             del self.buffer[:part]
+            self._submit_part(data)
 
     def _send_part(self, data: bytes) -> None:
         self.slots.acquire()  # blocks while the window is full: bounded memory
+        self._submit_part(data)
+
+    def _submit_part(self, data: bytes) -> None:
+        """Upload ``data`` as the next part; the caller holds a window slot."""
         self._raise_failed_part()
         assert self.executor is not None
         future = self.executor.submit(self._upload_part, len(self.parts) + 1, data)

@@ -45,7 +45,6 @@ resource "aws_s3_bucket" "transfer" {
   #checkov:skip=CKV_AWS_18:Server access logging needs a separate log bucket owned by the account's logging setup; enable it there (CloudTrail data events cover object access).
   #checkov:skip=CKV_AWS_144:Cross-region replication is a data-residency/DR decision outside the worker; the source of truth for a transfer is the other cloud.
   #checkov:skip=CKV2_AWS_62:The worker is fed by its own queue, not by S3 event notifications; producers add notifications if they want them.
-  #checkov:skip=CKV_AWS_145:Encrypted with SSE-KMS (aws/s3 managed key) or SSE-S3 per var.s3_sse_algorithm; a customer-managed key would need kms:* grants beyond the worker's least-privilege policy.
   for_each = local.aws_buckets
 
   bucket = each.key
@@ -104,7 +103,7 @@ resource "aws_s3_bucket_lifecycle_configuration" "transfer" {
   bucket = each.value.id
 
   # A worker killed mid-transfer leaves a multipart upload behind; its parts are billed until
-  # aborted. The worker aborts its own orphans on redelivery; this is the backstop.
+  # aborted. With var.s3_abort_orphan_uploads the next attempt aborts it; this rule always does.
   rule {
     id     = "abort-incomplete-multipart-upload"
     status = "Enabled"
@@ -112,7 +111,7 @@ resource "aws_s3_bucket_lifecycle_configuration" "transfer" {
     filter {}
 
     abort_incomplete_multipart_upload {
-      days_after_initiation = 1
+      days_after_initiation = var.abort_incomplete_multipart_upload_days
     }
   }
 
@@ -183,7 +182,8 @@ resource "aws_sqs_queue" "events" {
 
   # After maxReceiveCount receives SQS moves the message to the DLQ itself (a worker that crashes
   # on a message never gets to dead-letter it). The worker dead-letters earlier on its own
-  # (max retries 3), so the count must stay above 3 + 1.
+  # (max retries 3: up to 4 attempts, each receive counted as one), so the count must stay
+  # above 4 or SQS would move a message the worker still means to retry.
   redrive_policy = jsonencode({
     deadLetterTargetArn = aws_sqs_queue.dead_letter.arn
     maxReceiveCount     = var.sqs_max_receive_count
@@ -307,8 +307,11 @@ resource "aws_iam_role" "worker" {
   max_session_duration = 3600
 }
 
-# Exactly the README's "Permissions the worker needs"; no wildcard actions, no s3:DeleteObject.
+# The contract's permissions, statement for statement; no wildcard actions, no s3:DeleteObject.
 # s3:PutObject covers CreateMultipartUpload, UploadPart and CompleteMultipartUpload.
+# Two statements go beyond the contract's list because the worker cannot keep its own promises
+# without them (see terraform/README.md): DestinationObjectsHead and DestinationBucketsHead.
+# Two more are opt-in (variables default to false): SourceBucketsList, DestinationUploadsList.
 data "aws_iam_policy_document" "worker" {
   statement {
     sid       = "SourceObjectsRead"
@@ -318,20 +321,10 @@ data "aws_iam_policy_document" "worker" {
   }
 
   statement {
-    # ListBucket makes a missing source object a 404 instead of a 403.
-    sid       = "SourceBucketsList"
-    effect    = "Allow"
-    actions   = ["s3:ListBucket"]
-    resources = local.aws_source_bucket_arns
-  }
-
-  statement {
-    # GetObject: the idempotency check reads the destination's metadata.
     sid    = "DestinationObjectsWrite"
     effect = "Allow"
     actions = [
       "s3:PutObject",
-      "s3:GetObject",
       "s3:AbortMultipartUpload",
       "s3:ListMultipartUploadParts",
     ]
@@ -339,13 +332,20 @@ data "aws_iam_policy_document" "worker" {
   }
 
   statement {
-    # ListBucketMultipartUploads: how a killed worker's orphan upload is found and aborted.
-    sid    = "DestinationBucketsList"
-    effect = "Allow"
-    actions = [
-      "s3:ListBucket",
-      "s3:ListBucketMultipartUploads",
-    ]
+    # Beyond the contract: HeadObject on the destination is the idempotency check (event id,
+    # sha256 and event time live in the destination's metadata). HeadObject needs s3:GetObject.
+    sid       = "DestinationObjectsHead"
+    effect    = "Allow"
+    actions   = ["s3:GetObject"]
+    resources = [for arn in local.aws_destination_bucket_arns : "${arn}/*"]
+  }
+
+  statement {
+    # Beyond the contract: without s3:ListBucket S3 answers HeadObject of a key that does not
+    # exist yet with 403, which the worker must treat as access_denied; with it, 404.
+    sid       = "DestinationBucketsHead"
+    effect    = "Allow"
+    actions   = ["s3:ListBucket"]
     resources = local.aws_destination_bucket_arns
   }
 
@@ -366,6 +366,31 @@ data "aws_iam_policy_document" "worker" {
     effect    = "Allow"
     actions   = ["sqs:SendMessage"]
     resources = [aws_sqs_queue.dead_letter.arn]
+  }
+
+  # Opt-in: a missing source object is reported as source_not_found instead of access_denied.
+  dynamic "statement" {
+    for_each = var.s3_list_source_buckets ? ["SourceBucketsList"] : []
+
+    content {
+      sid       = statement.value
+      effect    = "Allow"
+      actions   = ["s3:ListBucket"]
+      resources = local.aws_source_bucket_arns
+    }
+  }
+
+  # Opt-in: lets the next attempt find and abort a killed worker's orphan multipart upload of
+  # the same key; without it the bucket lifecycle rule aborts it after N days.
+  dynamic "statement" {
+    for_each = var.s3_abort_orphan_uploads ? ["DestinationUploadsList"] : []
+
+    content {
+      sid       = statement.value
+      effect    = "Allow"
+      actions   = ["s3:ListBucketMultipartUploads"]
+      resources = local.aws_destination_bucket_arns
+    }
   }
 }
 

@@ -23,6 +23,9 @@ locals {
   )
 
   pubsub_service_agent = "serviceAccount:service-${data.google_project.current.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+  # Sessions of the worker role: arn:PARTITION:sts::ACCOUNT:assumed-role/ROLE/SESSION.
+  worker_assumed_role_arn_prefix = "arn:${data.aws_partition.current.partition}:sts::${data.aws_caller_identity.current.account_id}:assumed-role/${aws_iam_role.worker.name}/"
 }
 
 check "gcs_buckets_distinct" {
@@ -55,10 +58,11 @@ resource "google_storage_bucket" "transfer" {
     enabled = true
   }
 
-  # XML-API multipart uploads left by a killed worker (backstop; the worker aborts its own).
+  # XML-API multipart uploads left behind (the worker uses resumable uploads, which GCS expires
+  # after a week by itself; this covers other writers of the bucket).
   lifecycle_rule {
     condition {
-      age = 1
+      age = var.abort_incomplete_multipart_upload_days
     }
     action {
       type = "AbortIncompleteMultipartUpload"
@@ -157,37 +161,61 @@ resource "google_service_account" "worker" {
   description  = "transfer-worker: GCS + Pub/Sub access; no keys, used through workload identity only."
 }
 
-resource "google_project_iam_custom_role" "source" {
+# Three custom roles of one permission each, bound on buckets (never on the project):
+#   reader      storage.objects.get     every bucket: sources are read; on destinations it is
+#                                       the idempotency check (beyond the contract's list, which
+#                                       names only create there; the worker cannot skip a
+#                                       redelivered event without reading the destination).
+#   writer      storage.objects.create  destination buckets.
+#   overwriter  storage.objects.delete  destination buckets, only with var.gcs_allow_overwrite:
+#                                       GCS requires it to replace an existing object.
+resource "google_project_iam_custom_role" "reader" {
   project     = var.gcp_project_id
-  role_id     = "transferWorkerSource"
-  title       = "transfer-worker source bucket"
-  description = "Read objects of a transfer-worker source bucket (list makes a missing object a 404, not a 403)."
-  permissions = [
-    "storage.objects.get",
-    "storage.objects.list",
-  ]
+  role_id     = "transferWorkerObjectReader"
+  title       = "transfer-worker object reader"
+  description = "Read objects and their metadata: sources, and destinations for the idempotency check."
+  permissions = ["storage.objects.get"]
 }
 
-resource "google_project_iam_custom_role" "destination" {
+resource "google_project_iam_custom_role" "writer" {
   project     = var.gcp_project_id
-  role_id     = "transferWorkerDestination"
-  title       = "transfer-worker destination bucket"
-  description = "Write objects of a transfer-worker destination bucket; get is the idempotency check."
-  permissions = [
-    "storage.objects.create",
-    "storage.objects.get",
-    # GCS needs it to overwrite an existing object; remove if destinations are never overwritten
-    # (the worker's --overwrite never).
-    "storage.objects.delete",
-  ]
+  role_id     = "transferWorkerObjectWriter"
+  title       = "transfer-worker object writer"
+  description = "Create objects in a transfer-worker destination bucket."
+  permissions = ["storage.objects.create"]
 }
 
-# Bound on each bucket, not on the project.
-resource "google_storage_bucket_iam_member" "worker" {
+resource "google_project_iam_custom_role" "overwriter" {
+  count = var.gcs_allow_overwrite ? 1 : 0
+
+  project     = var.gcp_project_id
+  role_id     = "transferWorkerObjectOverwriter"
+  title       = "transfer-worker object overwriter"
+  description = "Replace existing objects in a transfer-worker destination bucket (GCS checks delete on overwrite)."
+  permissions = ["storage.objects.delete"]
+}
+
+resource "google_storage_bucket_iam_member" "reader" {
   for_each = local.gcs_buckets
 
   bucket = google_storage_bucket.transfer[each.key].name
-  role   = each.value == "source" ? google_project_iam_custom_role.source.id : google_project_iam_custom_role.destination.id
+  role   = google_project_iam_custom_role.reader.id
+  member = google_service_account.worker.member
+}
+
+resource "google_storage_bucket_iam_member" "writer" {
+  for_each = toset(var.gcs_destination_buckets)
+
+  bucket = google_storage_bucket.transfer[each.key].name
+  role   = google_project_iam_custom_role.writer.id
+  member = google_service_account.worker.member
+}
+
+resource "google_storage_bucket_iam_member" "overwriter" {
+  for_each = var.gcs_allow_overwrite ? toset(var.gcs_destination_buckets) : toset([])
+
+  bucket = google_storage_bucket.transfer[each.key].name
+  role   = google_project_iam_custom_role.overwriter[0].id
   member = google_service_account.worker.member
 }
 
@@ -216,8 +244,9 @@ resource "google_iam_workload_identity_pool" "worker" {
   description               = "AWS identities of transfer-worker."
 }
 
-# AWS provider: AWS credentials of the worker's IAM role (EC2 instance profile, ECS task role, or
-# any caller holding the role's session), exchanged through a signed GetCallerIdentity request.
+# AWS provider: AWS credentials of a session of the worker's IAM role (an EC2 instance profile, or
+# AWS_* environment variables, which is where google-auth's AWS source looks), exchanged through
+# a signed GetCallerIdentity request.
 resource "google_iam_workload_identity_pool_provider" "aws" {
   #checkov:skip=CKV_GCP_125:GitHub Actions OIDC check; this is an AWS provider with no oidc block, which the check indexes and fails on (false positive); the attribute_condition below restricts it to the worker role.
   project                            = var.gcp_project_id
@@ -231,8 +260,9 @@ resource "google_iam_workload_identity_pool_provider" "aws" {
     "attribute.aws_role" = "assertion.arn.extract('assumed-role/{role}/')"
   }
 
-  # Only sessions of the worker role can exchange tokens in this pool.
-  attribute_condition = "attribute.aws_role == '${aws_iam_role.worker.name}'"
+  # Only sessions of the worker role (its assumed-role ARN, account and partition included) can
+  # exchange tokens through this provider.
+  attribute_condition = "assertion.arn.startsWith('${local.worker_assumed_role_arn_prefix}')"
 
   aws {
     account_id = data.aws_caller_identity.current.account_id

@@ -3,6 +3,11 @@ output "sqs_queue_url" {
   value       = aws_sqs_queue.events.url
 }
 
+output "sqs_queue_arn" {
+  description = "ARN of the SQS queue, for whatever reads its depth (KEDA's aws-sqs-queue scaler needs sqs:GetQueueAttributes on it)."
+  value       = aws_sqs_queue.events.arn
+}
+
 output "sqs_dead_letter_queue_url" {
   description = "URL of the SQS dead-letter queue (TRANSFER_WORKER_DEAD_LETTER on EKS)."
   value       = aws_sqs_queue.dead_letter.url

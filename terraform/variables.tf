@@ -57,6 +57,17 @@ variable "visibility_timeout_seconds" {
   }
 }
 
+variable "abort_incomplete_multipart_upload_days" {
+  description = "Days after initiation when the bucket lifecycle aborts an incomplete multipart upload (S3; XML-API uploads on GCS). It also aborts uploads still running, so it must exceed the longest a transfer can hold its message: SQS caps visibility at 12 hours, the worker's Pub/Sub lease at 2 hours."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.abort_incomplete_multipart_upload_days >= 1 && var.abort_incomplete_multipart_upload_days <= 365 && floor(var.abort_incomplete_multipart_upload_days) == var.abort_incomplete_multipart_upload_days
+    error_message = "abort_incomplete_multipart_upload_days must be a whole number from 1 to 365."
+  }
+}
+
 # ---------------------------------------------------------------------------------------------
 # AWS
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +84,7 @@ variable "aws_region" {
 }
 
 variable "aws_source_buckets" {
-  description = "Names of the S3 buckets the worker reads from (s3:GetObject, s3:ListBucket). Created by this module."
+  description = "Names of the S3 buckets the worker reads from (s3:GetObject; s3:ListBucket too with s3_list_source_buckets). Created by this module."
   type        = list(string)
 
   validation {
@@ -83,13 +94,25 @@ variable "aws_source_buckets" {
 }
 
 variable "aws_destination_buckets" {
-  description = "Names of the S3 buckets the worker writes to (s3:PutObject, multipart, s3:GetObject for the idempotency check). Created by this module."
+  description = "Names of the S3 buckets the worker writes to (s3:PutObject, s3:AbortMultipartUpload, s3:ListMultipartUploadParts; s3:GetObject and s3:ListBucket for the idempotency check). Created by this module."
   type        = list(string)
 
   validation {
     condition     = length(var.aws_destination_buckets) > 0 && alltrue([for b in var.aws_destination_buckets : can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", b))])
     error_message = "aws_destination_buckets needs at least one valid S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)."
   }
+}
+
+variable "s3_list_source_buckets" {
+  description = "Grant s3:ListBucket on the source buckets (beyond the contract's permissions). S3 then answers a missing source object with 404 and the worker dead-letters it as source_not_found; without it S3 answers 403 and the reason is access_denied. Costs: the worker can list every key of the source buckets."
+  type        = bool
+  default     = false
+}
+
+variable "s3_abort_orphan_uploads" {
+  description = "Grant s3:ListBucketMultipartUploads on the destination buckets (beyond the contract's permissions), so the next attempt at a key aborts the multipart upload a killed worker left behind. Without it the worker skips that step and the lifecycle rule (abort_incomplete_multipart_upload_days) removes the parts."
+  type        = bool
+  default     = false
 }
 
 variable "s3_sse_algorithm" {
@@ -217,7 +240,7 @@ variable "gcs_location" {
 }
 
 variable "gcs_source_buckets" {
-  description = "Names of the GCS buckets the worker reads from (storage.objects.get, storage.objects.list). Created by this module."
+  description = "Names of the GCS buckets the worker reads from (storage.objects.get). Created by this module."
   type        = list(string)
 
   validation {
@@ -227,13 +250,19 @@ variable "gcs_source_buckets" {
 }
 
 variable "gcs_destination_buckets" {
-  description = "Names of the GCS buckets the worker writes to (storage.objects.create, .get, .delete). Created by this module."
+  description = "Names of the GCS buckets the worker writes to (storage.objects.create; storage.objects.get for the idempotency check; storage.objects.delete only with gcs_allow_overwrite). Created by this module."
   type        = list(string)
 
   validation {
     condition     = length(var.gcs_destination_buckets) > 0 && alltrue([for b in var.gcs_destination_buckets : can(regex("^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$", b))])
     error_message = "gcs_destination_buckets needs at least one valid GCS bucket name."
   }
+}
+
+variable "gcs_allow_overwrite" {
+  description = "Grant storage.objects.delete on the GCS destination buckets (a custom role of that one permission). GCS requires it to replace an existing object, so without it an event whose destination already holds different content fails with access_denied (dead-lettered) although the worker's overwrite policy allows the replacement. The contract does not grant it; with versioning on, a replaced object stays recoverable as a non-current version."
+  type        = bool
+  default     = false
 }
 
 variable "gcs_noncurrent_version_retention_days" {

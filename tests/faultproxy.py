@@ -375,6 +375,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             if key.lower() == "location" and value.startswith(owner.upstream_url):
                 value = owner.url + value[len(owner.upstream_url) :]
             self.send_header(key, value)
+        if kind == "latency":  # says what was done, so a test need not guess from the clock
+            self.send_header("X-Fault-Injected", "latency")
         if has_body and length is None:
             self.close_connection = True  # body until EOF: the close ends it
         if self.close_connection:
