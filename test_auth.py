@@ -934,3 +934,23 @@ def test_cli_aws_to_gcp_transfer_with_no_key_in_any_file_or_variable(
     }
     output = (run.stdout + run.stderr).decode()
     assert "ya29." not in output and IMDS_CREDENTIALS["SecretAccessKey"] not in output
+
+
+def test_ready_answers_503_while_credentials_cannot_be_obtained(aws_env: str):
+    """/ready runs the same check as start-up (cmd_run wires it in): with the metadata server
+    gone, the exchange cannot happen and the pod is taken out of service, naming the reason."""
+    import functools
+
+    def metadata_server_down(audience: str) -> str:
+        raise ConnectionError("metadata.google.internal unreachable")
+
+    cfg = config()
+    session = aws_session(cfg, id_token_source=metadata_server_down)
+    readiness = tw.Readiness({"credentials": functools.partial(check_credentials, cfg, session)})
+    app = tw.make_wsgi_app(tw.Metrics(), readiness)
+    status: list[str] = []
+    body = b"".join(
+        app({"PATH_INFO": "/ready", "REQUEST_METHOD": "GET"}, lambda s, h: status.append(s))
+    )
+    assert status == ["503 Service Unavailable"]
+    assert body == b"not ready: credentials: CredentialsError\n"
