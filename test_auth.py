@@ -772,6 +772,24 @@ def _unsigned_jwt(claims: dict[str, Any]) -> str:
     return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJlLW5vdC1yZWFs"
 
 
+def submit_and_run_once(event: dict[str, Any], env: dict[str, str]) -> Any:
+    """The real CLI in subprocesses: submit one event to the local queue, then `run --once`."""
+    script = str(Path(tw.__file__))
+    submitted = subprocess.run(
+        [sys.executable, script, "submit", "-"],
+        env=env,
+        timeout=60,
+        input=json.dumps(event).encode(),
+        capture_output=True,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    run = subprocess.run(
+        [sys.executable, script, "run", "--once"], env=env, timeout=120, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 def test_cli_gcp_to_aws_transfer_with_no_key_in_any_file_or_variable(
     aws_env: str, fake_http: FakeHttp, gcs_emulator: str, tmp_path: Path
 ):
@@ -827,19 +845,7 @@ def test_cli_gcp_to_aws_transfer_with_no_key_in_any_file_or_variable(
         "wif-source-bucket",
         "wif-dest-bucket",
     )
-    script = str(Path(tw.__file__))
-    submitted = subprocess.run(
-        [sys.executable, script, "submit", "-"],
-        env=env,
-        timeout=60,
-        input=json.dumps(event).encode(),
-        capture_output=True,
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    run = subprocess.run(
-        [sys.executable, script, "run", "--once"], env=env, timeout=120, capture_output=True
-    )
-    assert run.returncode == 0, run.stderr
+    run = submit_and_run_once(event, env)
     assert gcs.bucket("wif-dest-bucket").blob("out/in/data.bin").download_as_bytes() == data
     identity = fake_http.hits(
         "GET", "/computeMetadata/v1/instance/service-accounts/default/identity"
@@ -911,19 +917,7 @@ def test_cli_aws_to_gcp_transfer_with_no_key_in_any_file_or_variable(
     assert "private_key" not in credentials_file.read_text()
     event = _event("in/data.bin")
     event["source"]["bucket"], event["destination"]["bucket"] = "wif-s3-source", "wif-gcs-dest"
-    script = str(Path(tw.__file__))
-    submitted = subprocess.run(
-        [sys.executable, script, "submit", "-"],
-        env=env,
-        timeout=60,
-        input=json.dumps(event).encode(),
-        capture_output=True,
-    )
-    assert submitted.returncode == 0, submitted.stderr
-    run = subprocess.run(
-        [sys.executable, script, "run", "--once"], env=env, timeout=120, capture_output=True
-    )
-    assert run.returncode == 0, run.stderr
+    run = submit_and_run_once(event, env)
     assert direct.bucket("wif-gcs-dest").blob("out/in/data.bin").download_as_bytes() == data
     exchange = fake.hits("POST", "/v1/token")
     assert exchange and exchange[0].form["audience"] == WIF_AUDIENCE
