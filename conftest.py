@@ -288,9 +288,14 @@ def gcs_emulator() -> Iterator[str]:
     try:
         yield url
     finally:
-        stopper = threading.Thread(target=server.stop, name="stop-gcs", daemon=True)
-        stopper.start()
-        stopper.join(10)
+        _stop_gcs_emulator(server)
+
+
+def _stop_gcs_emulator(server: Any) -> None:
+    """Stop on a thread with a bound: the emulator's stop() can hang on a stuck request."""
+    stopper = threading.Thread(target=server.stop, name="stop-gcs", daemon=True)
+    stopper.start()
+    stopper.join(10)
 
 
 @pytest.fixture

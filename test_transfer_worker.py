@@ -592,6 +592,15 @@ class FlakyStore:
         return getattr(self.inner, name)
 
 
+def with_source_store(
+    root: Path, make: Callable[[tw.LocalObjectStore], Any], **settings: Any
+) -> Harness:
+    """A Harness whose aws_s3 store is ``make(<the real local store>)``: a flaky or changing
+    source in front of the real files."""
+    stores = tw.build_stores(tw.Config(local_root=str(root)))
+    return Harness(root, stores={**stores, "aws_s3": make(stores["aws_s3"])}, **settings)
+
+
 def test_worker_transfers_and_reports(root: Path):
     h = Harness(root)
     data = os.urandom(4096)
@@ -623,9 +632,10 @@ def test_worker_transfers_and_reports(root: Path):
 
 
 def test_transient_errors_are_retried_with_exponential_backoff(root: Path):
-    stores = tw.build_stores(tw.Config(local_root=str(root)))
-    flaky = FlakyStore(stores["aws_s3"], 2, tw.RetryableError("503 SlowDown", reason="throttled"))
-    h = Harness(root, stores={**stores, "aws_s3": flaky})
+    h = with_source_store(
+        root,
+        lambda real: FlakyStore(real, 2, tw.RetryableError("503 SlowDown", reason="throttled")),
+    )
     put_source(root, "aws_s3", "source-bucket", "in/data.bin", b"data")
     h.submit(make_event())
     h.run_once()
@@ -637,9 +647,12 @@ def test_transient_errors_are_retried_with_exponential_backoff(root: Path):
 
 
 def test_backoff_is_capped(root: Path):
-    stores = tw.build_stores(tw.Config(local_root=str(root)))
-    flaky = FlakyStore(stores["aws_s3"], 99, tw.RetryableError("timeout", reason="network"))
-    h = Harness(root, stores={**stores, "aws_s3": flaky}, max_retries=10, backoff_max=30.0)
+    h = with_source_store(
+        root,
+        lambda real: FlakyStore(real, 99, tw.RetryableError("timeout", reason="network")),
+        max_retries=10,
+        backoff_max=30.0,
+    )
     h.submit(make_event(maxRetries=10))
     h.run_once()
     assert len(h.sleeps) == 10
@@ -647,11 +660,11 @@ def test_backoff_is_capped(root: Path):
 
 
 def test_exhausted_retries_are_dead_lettered_with_attempts(root: Path):
-    stores = tw.build_stores(tw.Config(local_root=str(root)))
-    flaky = FlakyStore(
-        stores["aws_s3"], 99, tw.RetryableError("connection reset", reason="network")
+    h = with_source_store(
+        root,
+        lambda real: FlakyStore(real, 99, tw.RetryableError("connection reset", reason="network")),
+        max_retries=3,
     )
-    h = Harness(root, stores={**stores, "aws_s3": flaky}, max_retries=3)
     event = make_event(maxRetries=5)  # capped by --max-retries 3
     h.submit(event)
     h.run_once()
@@ -674,9 +687,10 @@ def test_exhausted_retries_are_dead_lettered_with_attempts(root: Path):
 
 
 def test_max_retries_zero_means_one_attempt(root: Path):
-    stores = tw.build_stores(tw.Config(local_root=str(root)))
-    flaky = FlakyStore(stores["aws_s3"], 99, tw.RetryableError("timeout", reason="network"))
-    h = Harness(root, stores={**stores, "aws_s3": flaky})
+    h = with_source_store(
+        root, lambda real: FlakyStore(real, 99, tw.RetryableError("timeout", reason="network"))
+    )
+    flaky = h.stores["aws_s3"]
     h.submit(make_event(maxRetries=0))
     h.run_once()
     assert flaky.calls == 1 and h.sleeps == []
@@ -685,9 +699,12 @@ def test_max_retries_zero_means_one_attempt(root: Path):
 
 def test_receive_count_counts_as_attempts(root: Path):
     """A message that crashed earlier workers gets only what is left of its attempt budget."""
-    stores = tw.build_stores(tw.Config(local_root=str(root)))
-    flaky = FlakyStore(stores["aws_s3"], 99, tw.RetryableError("timeout", reason="network"))
-    h = Harness(root, stores={**stores, "aws_s3": flaky}, visibility_timeout=10)
+    h = with_source_store(
+        root,
+        lambda real: FlakyStore(real, 99, tw.RetryableError("timeout", reason="network")),
+        visibility_timeout=10,
+    )
+    flaky = h.stores["aws_s3"]
     h.submit(make_event(maxRetries=3))
     for _ in range(2):  # two deliveries that "crashed" before settling
         assert h.queue.receive(1, 0)
@@ -698,9 +715,10 @@ def test_receive_count_counts_as_attempts(root: Path):
 
 
 def test_a_message_past_its_budget_is_dead_lettered_without_a_transfer(root: Path):
-    stores = tw.build_stores(tw.Config(local_root=str(root)))
-    flaky = FlakyStore(stores["aws_s3"], 0, RuntimeError("unused"))
-    h = Harness(root, stores={**stores, "aws_s3": flaky}, visibility_timeout=10)
+    h = with_source_store(
+        root, lambda real: FlakyStore(real, 0, RuntimeError("unused")), visibility_timeout=10
+    )
+    flaky = h.stores["aws_s3"]
     h.submit(make_event(maxRetries=1))
     for _ in range(2):
         h.queue.receive(1, 0)
@@ -723,9 +741,7 @@ def test_bucket_outside_the_allowlist_is_forbidden(root: Path):
 
 
 def test_an_unexpected_bug_dead_letters_and_the_worker_goes_on(root: Path):
-    stores = tw.build_stores(tw.Config(local_root=str(root)))
-    broken = FlakyStore(stores["aws_s3"], 1, KeyError("bug"))
-    h = Harness(root, stores={**stores, "aws_s3": broken})
+    h = with_source_store(root, lambda real: FlakyStore(real, 1, KeyError("bug")))
     put_source(root, "aws_s3", "source-bucket", "in/data.bin", b"data")
     h.submit(make_event())
     h.submit(make_event())
@@ -786,9 +802,9 @@ def test_duration_histogram_and_queue_lag_are_recorded(root: Path):
 
 
 def test_shutdown_during_backoff_hands_the_message_back(root: Path):
-    stores = tw.build_stores(tw.Config(local_root=str(root)))
-    flaky = FlakyStore(stores["aws_s3"], 99, tw.RetryableError("timeout", reason="network"))
-    h = Harness(root, stores={**stores, "aws_s3": flaky})
+    h = with_source_store(
+        root, lambda real: FlakyStore(real, 99, tw.RetryableError("timeout", reason="network"))
+    )
     h.worker.sleep = h.worker._interruptible_sleep
     h.worker.stop_event.set()  # as if SIGTERM arrived during the first attempt
     message = (h.submit(make_event()), h.queue.receive(1, 0))[1][0]

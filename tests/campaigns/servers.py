@@ -53,9 +53,7 @@ def gcs() -> Iterator[str]:
     try:
         yield url
     finally:
-        stopper = threading.Thread(target=server.stop, name="stop-gcs", daemon=True)
-        stopper.start()
-        stopper.join(10)
+        ct._stop_gcs_emulator(server)
 
 
 @contextlib.contextmanager
