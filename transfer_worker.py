@@ -2809,6 +2809,7 @@ class Worker:
         self.log.info(
             "Worker started", worker_id=self.config.worker_id, concurrency=self.config.concurrency
         )
+        quiet_polls = 0
         try:
             while not self.stop_event.is_set():
                 free = self._wait_for_free_slot()
@@ -2820,7 +2821,13 @@ class Worker:
                     min(free, 10), 0.0 if once else self.queue.receive_wait
                 )
                 if once and not messages and not self._wait_for_a_transfer():
-                    break
+                    # Two empty polls in a row with nothing running: one empty answer is not
+                    # proof on SQS, whose receives see only a sample of its servers.
+                    quiet_polls += 1
+                    if quiet_polls == 2:
+                        break
+                    continue
+                quiet_polls = 0
                 self._start_all(messages)
         finally:
             self._drain()
