@@ -679,7 +679,7 @@ def test_redact_leaves_ordinary_text_alone(text: str, planted_env: None):
 
 
 def _logger_with_redaction(stream: io.StringIO) -> Any:
-    """The worker's own logger: make_logger puts redact_secrets after format_exc_info."""
+    """The worker's own logger: make_logger puts RedactSecrets after format_exc_info."""
     return tw.make_logger("DEBUG", stream)
 
 

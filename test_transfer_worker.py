@@ -1299,7 +1299,7 @@ class ChangingSourceStore(tw.LocalObjectStore):
         for number, chunk in enumerate(super()._chunks(handle, path, ref, info)):
             if number == 0 and self.changes_left:
                 self.changes_left -= 1
-                with path.open("r+b") as rewrite:
+                with open(path, "r+b") as rewrite:
                     rewrite.write(b"Z" * 16)
             yield chunk
 

@@ -349,6 +349,9 @@ def _check_schema_version(version: Any) -> None:
         )
 
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+
+
 def check_key(key: str, path: str = "$.key") -> None:
     """Reject keys that are too long in bytes or could escape a bucket directory.
 
@@ -361,7 +364,7 @@ def check_key(key: str, path: str = "$.key") -> None:
         raise InvalidEvent(f"{path}: key is not valid Unicode", reason="invalid_key") from None
     if len(encoded) > 1024:
         raise InvalidEvent(f"{path}: key is longer than 1024 UTF-8 bytes")
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in key):  # C0, DEL and C1
+    if _CONTROL_CHARACTER.search(key):
         raise InvalidEvent(f"{path}: key contains a control character", reason="invalid_key")
     if key.startswith("/") or "\\" in key or any(part in (".", "..") for part in key.split("/")):
         raise InvalidEvent(
@@ -545,6 +548,7 @@ class LocalObjectStore:
         metadata: LocalMetadata | None = None,
     ) -> None:
         self.root = Path(root)
+        self._root = os.fspath(self.root)  # _path() runs five times per transfer: plain strings
         self.provider = provider
         self.chunk_size = chunk_size
         self.tmp_dir = self.root / ".tmp"
@@ -553,9 +557,10 @@ class LocalObjectStore:
     def head(self, ref: ObjectRef) -> ObjectInfo | None:
         path = self._path(ref)
         try:
-            st = path.stat()
+            st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        _refuse_symlink(st, ref)
         if not stat.S_ISREG(st.st_mode):
             return None
         meta = dict(self.metadata.get(ref, _stat_version(st)))
@@ -570,24 +575,26 @@ class LocalObjectStore:
     @contextlib.contextmanager
     def open_read(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[Iterator[bytes]]:
         path = self._path(ref)
-        try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        try:  # O_NOFOLLOW: a symlink put in place of the file since head() is not followed
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise SourceChanged(f"{ref.uri} disappeared before it was read") from None
-        with handle:
-            if _stat_version(os.fstat(handle.fileno())) != info.version:
+        except OSError as exc:
+            raise SourceChanged(f"{ref.uri} changed before it was read: {exc}") from None
+        with open(fd, "rb", buffering=0) as handle:
+            if _stat_version(os.fstat(fd)) != info.version:
                 raise SourceChanged(f"{ref.uri} changed before it was read")
             yield self._chunks(handle, path, ref, info)
 
     def _chunks(
-        self, handle: IO[bytes], path: Path, ref: ObjectRef, info: ObjectInfo
+        self, handle: IO[bytes], path: str, ref: ObjectRef, info: ObjectInfo
     ) -> Iterator[bytes]:
         while chunk := handle.read(self.chunk_size):
             yield chunk
         # Both the open file and the name must still be the version we started with: an in-place
         # write changes the mtime, a replacement changes the inode behind the name.
         try:
-            current = _stat_version(path.stat())
+            current = _stat_version(os.lstat(path))
         except FileNotFoundError:
             current = "gone"
         if _stat_version(os.fstat(handle.fileno())) != info.version or current != info.version:
@@ -598,9 +605,13 @@ class LocalObjectStore:
     ) -> LocalUpload:
         path = self._path(ref)
         temp = self.tmp_dir / f"upload-{uuid.uuid4().hex}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(temp, flags, 0o644)
+            except FileNotFoundError:  # the first upload of this root, or .tmp was swept away
+                self.tmp_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(temp, flags, 0o644)
         except OSError as exc:
             raise PermanentError(
                 f"cannot write {ref.uri}: {exc}", reason="destination_error"
@@ -627,20 +638,31 @@ class LocalObjectStore:
     def bucket_dir(self, bucket: str) -> Path:
         return self.root / self.provider / bucket
 
-    def _path(self, ref: ObjectRef) -> Path:
+    def _path(self, ref: ObjectRef) -> str:
         """The file of ``ref``. The key was already refused if it has '..', '.', a leading '/' or
         a control character; what is left is a symlink inside the bucket pointing elsewhere, so
-        no component below the bucket directory may be a symlink."""
+        no directory below the bucket may be a symlink. The last component is checked where it
+        is used: head() refuses a symlink, reads open with O_NOFOLLOW, and a rename replaces a
+        symlink rather than following it."""
         check_key(ref.key)
-        path = self.bucket_dir(ref.bucket)
-        for part in ref.key.split("/"):
-            path = path / part
+        path = f"{self._root}/{self.provider}/{ref.bucket}"
+        *directories, name = ref.key.split("/")
+        for part in directories:
+            path = f"{path}/{part}"
             if os.path.islink(path):
-                raise InvalidEvent(
-                    f"key {ref.key!r} passes through a symlink in bucket {ref.bucket!r}",
-                    reason="invalid_key",
-                )
-        return path
+                raise _symlink_error(ref)
+        return f"{path}/{name}"
+
+
+def _symlink_error(ref: ObjectRef) -> InvalidEvent:
+    return InvalidEvent(
+        f"key {ref.key!r} passes through a symlink in bucket {ref.bucket!r}", reason="invalid_key"
+    )
+
+
+def _refuse_symlink(st: os.stat_result, ref: ObjectRef) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise _symlink_error(ref)
 
 
 def _stat_version(st: os.stat_result) -> str:
@@ -655,7 +677,7 @@ class LocalUpload:
         store: LocalObjectStore,
         ref: ObjectRef,
         *,
-        path: Path,
+        path: str,
         temp: Path,
         fd: int,
         content_type: str,
@@ -671,19 +693,27 @@ class LocalUpload:
     def commit(self, metadata: Mapping[str, str]) -> None:
         try:
             os.fsync(self.fd)
+            version = _stat_version(os.fstat(self.fd))  # a rename keeps inode, size and mtime
             os.close(self.fd)
             self.fd = -1
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.store._path(self.ref)  # re-check: a symlink may have appeared since open_write
-            os.replace(self.temp, self.path)
-            _fsync_dir(self.path.parent)  # the rename itself must reach the disk before the ack
-            record = {**metadata, "content-type": self.content_type}
-            self.store.metadata.put(self.ref, _stat_version(self.path.stat()), record)
+            self._rename()
+            _fsync_dir(os.path.dirname(self.path))  # the rename must reach the disk before the ack
+            self.store.metadata.put(
+                self.ref, version, {**metadata, "content-type": self.content_type}
+            )
         except OSError as exc:
             self.abort()
             raise PermanentError(
                 f"cannot write {self.ref.uri}: {exc}", reason="destination_error"
             ) from exc
+
+    def _rename(self) -> None:
+        try:
+            os.replace(self.temp, self.path)
+        except FileNotFoundError:  # the first object under this prefix
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            os.replace(self.temp, self.path)
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -693,7 +723,7 @@ class LocalUpload:
             os.unlink(self.temp)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -707,7 +737,9 @@ class LocalQueue:
     Receiving hides a message for the visibility timeout and counts the delivery; a worker that dies
     simply lets the timeout pass. ``BEGIN IMMEDIATE`` takes the write lock before reading, so two
     processes never receive the same visible message. High priority is served before normal before
-    low, then first in, first out."""
+    low, then in the order messages became visible (first in, first out; a message handed back
+    queues behind those already waiting). That is the order of the ``messages_ready`` index, so a
+    receive reads only the rows it returns, however long the queue."""
 
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS messages (
@@ -752,8 +784,16 @@ class LocalQueue:
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
         self._db.executescript(self.SCHEMA)
 
+    def _write(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """One statement, one transaction. A statement that writes takes the write lock before it
+        reads, as BEGIN IMMEDIATE does, and is a single call into SQLite: three calls per
+        acknowledgement were three waits for the GIL while holding the lock."""
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """For the writes that need more than one statement to land together."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -765,12 +805,12 @@ class LocalQueue:
 
     def publish(self, body: bytes, *, priority: str = "normal", delay: float = 0) -> int:
         now = self.clock()
-        with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO messages (body, priority, enqueued_at, visible_at) VALUES (?,?,?,?)",
-                (body, PRIORITIES[priority], now, now + delay),
-            )
-        return int(cursor.lastrowid or 0)
+        [(row_id,)] = self._write(
+            "INSERT INTO messages (body, priority, enqueued_at, visible_at) VALUES (?,?,?,?) "
+            "RETURNING id",
+            (body, PRIORITIES[priority], now, now + delay),
+        )
+        return int(row_id)
 
     def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
         deadline = time.monotonic() + wait_seconds
@@ -784,14 +824,13 @@ class LocalQueue:
     def _receive_now(self, max_messages: int) -> list[Message]:
         now = self.clock()
         receipt = uuid.uuid4().hex
-        with self._transaction() as db:
-            rows = db.execute(
-                "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, "
-                "receipt = ? "
-                "WHERE id IN (SELECT id FROM messages WHERE visible_at <= ? "
-                "ORDER BY priority, id LIMIT ?) RETURNING priority, id, body, receive_count",
-                (now + self.visibility_timeout, receipt, now, max_messages),
-            ).fetchall()
+        rows = self._write(
+            "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, receipt = ? "
+            "WHERE id IN (SELECT id FROM messages WHERE visible_at <= ? "
+            "ORDER BY priority, visible_at, id LIMIT ?) "
+            "RETURNING priority, id, body, receive_count",
+            (now + self.visibility_timeout, receipt, now, max_messages),
+        )
         return [
             Message(
                 body=bytes(body),
@@ -804,8 +843,7 @@ class LocalQueue:
         ]
 
     def ack(self, message: Message) -> None:
-        with self._transaction() as db:
-            db.execute("DELETE FROM messages WHERE id = ? AND receipt = ?", message.handle)
+        self._write("DELETE FROM messages WHERE id = ? AND receipt = ?", message.handle)
 
     def retry_later(self, message: Message, delay: float) -> None:
         self._set_visible(message, self.clock() + delay)
@@ -814,11 +852,10 @@ class LocalQueue:
         self._set_visible(message, self.clock() + seconds)
 
     def _set_visible(self, message: Message, visible_at: float) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE messages SET visible_at = ? WHERE id = ? AND receipt = ?",
-                (visible_at, *message.handle),
-            )
+        self._write(
+            "UPDATE messages SET visible_at = ? WHERE id = ? AND receipt = ?",
+            (visible_at, *message.handle),
+        )
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
         if self.dead_letter_target is not None:
@@ -849,8 +886,7 @@ class LocalQueue:
         return [(row_id, json.loads(text)) for row_id, text in rows]
 
     def forget_dead_letter(self, row_id: int) -> None:
-        with self._transaction() as db:
-            db.execute("DELETE FROM dead_letters WHERE id = ?", (row_id,))
+        self._write("DELETE FROM dead_letters WHERE id = ?", (row_id,))
 
     def depth(self) -> int:
         with self._lock:
@@ -1269,17 +1305,32 @@ _SECRET_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         rf"\g<1>{REDACTED}",
     ),
 )
+# Every match of a pattern above contains one of these; most strings (ids, URIs, reasons) contain
+# none, and one search for them is cheaper than six substitutions.
+_SECRET_HINT = re.compile(
+    r"(?i)authorization|eyJ|ya29\.|IQoJb3JpZ2lu|FwoGZXIvYXdz|FQoGZXIvYXdz|AKIA|ASIA|"
+    r"token|secret|signature|key|passw"
+)
 _SECRET_ENV_NAME = re.compile(r"SECRET|TOKEN|KEY|PASSWORD", re.IGNORECASE)
 _PATH_ENV_SUFFIXES = ("_FILE", "_PATH", "_DIR", "_URL", "_URI")  # they name a secret, not hold it
 
 
-def redact(text: str, *, environ: Mapping[str, str] | None = None) -> str:
+def redact(
+    text: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_secrets: Sequence[str] | None = None,
+) -> str:
     """``text`` with anything that looks like a token, key, signature or Authorization header,
-    and the value of every secret-named environment variable, replaced by [REDACTED]."""
-    for value in _secret_env_values(os.environ if environ is None else environ):
+    and the value of every secret-named environment variable, replaced by [REDACTED].
+    ``env_secrets`` saves reading the environment again (see RedactSecrets)."""
+    if env_secrets is None:
+        env_secrets = _secret_env_values(os.environ if environ is None else environ)
+    for value in env_secrets:
         text = text.replace(value, REDACTED)
-    for pattern, replacement in _SECRET_PATTERNS:
-        text = pattern.sub(replacement, text)
+    if _SECRET_HINT.search(text):
+        for pattern, replacement in _SECRET_PATTERNS:
+            text = pattern.sub(replacement, text)
     return text
 
 
@@ -1294,26 +1345,32 @@ def _secret_env_values(env: Mapping[str, str]) -> list[str]:
     return sorted(values, key=len, reverse=True)  # a longer secret may contain a shorter one
 
 
-def redact_secrets(
-    logger: Any, method: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
+class RedactSecrets:
     """structlog processor: redact() every string in the event, nested ones too. It goes after
-    format_exc_info, so tracebacks are scrubbed as well."""
-    for key, value in event.items():
-        event[key] = _redact_value(value)
-    return event
+    format_exc_info, so tracebacks are scrubbed as well. The secret-named environment variables are
+    read once, when the logger is made: reading them for every string cost more than the rest of
+    a log line, and a process's environment does not change under it."""
 
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.env_secrets = _secret_env_values(os.environ if environ is None else environ)
 
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, BaseException):  # JSONRenderer would repr() it unscrubbed
-        return redact(f"{type(value).__name__}: {value}")
-    if isinstance(value, Mapping):
-        return {k: _redact_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_redact_value(v) for v in value]
-    return value
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in event.items():
+            event[key] = self._redact_value(value)
+        return event
+
+    def _redact_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value, env_secrets=self.env_secrets)
+        if isinstance(value, BaseException):  # JSONRenderer would repr() it unscrubbed
+            return redact(f"{type(value).__name__}: {value}", env_secrets=self.env_secrets)
+        if isinstance(value, Mapping):
+            return {k: self._redact_value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._redact_value(v) for v in value]
+        return value
 
 
 # -- the SDK clients shared by the adapters --------------------------------------------------------
@@ -2608,7 +2665,7 @@ def make_logger(level: str = "INFO", stream: TextIO | None = None) -> Any:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
             structlog.processors.format_exc_info,
-            redact_secrets,
+            RedactSecrets(),
             structlog.processors.EventRenamer("message"),
             _seed_field_order,
             structlog.processors.JSONRenderer(sort_keys=False),
