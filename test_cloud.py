@@ -550,6 +550,30 @@ def test_throttling_between_worker_and_store_is_retried(
     assert_copied(buckets, event, data)
 
 
+def test_a_large_gcs_upload_is_one_streamed_request_and_a_failed_one_is_retried(
+    cloud_env: dict[str, str],
+    buckets: Buckets,
+    channel: Any,
+    fault_proxy: Callable[..., FaultProxy],
+) -> None:
+    """All but the last bytes go up in one request while the source is read; the final request
+    carries the rest and finalises the object. A throttled streamed request fails the attempt,
+    which starts again and succeeds; no session is left waiting for bytes."""
+    proxy = fault_proxy(cloud_env["STORAGE_EMULATOR_HOST"], status=429, failures=1)
+    proxy.match = is_upload("gcp_gcs")
+    data = os.urandom(LARGE)
+    buckets.put("aws_s3", "streamed.bin", data)
+    event = make_event(buckets, "aws_s3", "gcp_gcs", "streamed.bin", sha256=sha(data))
+    channel.send(encode(event))
+
+    worker = run_once(via_proxy(cloud_env, "gcp_gcs", proxy), channel)
+    assert worker.outcomes("success"), worker.log_text()
+    assert proxy.injected == 1
+    uploads = [path for method, path in proxy.seen if is_upload("gcp_gcs")(method, path)]
+    assert len(uploads) == 3  # the throttled streamed request, then streamed + final
+    assert_copied(buckets, event, data)
+
+
 def test_a_worker_killed_mid_transfer_is_redelivered_and_leaves_no_upload(
     cloud_env: dict[str, str],
     buckets: Buckets,

@@ -1695,7 +1695,10 @@ def _s3_checksums(response: Mapping[str, Any]) -> dict[str, str]:
 class S3Upload:
     """One destination object. Up to one part: buffered, one PutObject at commit. Larger: a
     multipart upload whose parts go up in parallel within a window, except the last part, which
-    is held back until commit() so nothing can complete before the engine verified the digest."""
+    is held back until commit() so nothing can complete before the engine verified the digest.
+
+    Parts are filled into at most window + 1 buffers of exactly one part, allocated once and
+    reused as uploads finish: memory is (window + 1) x part size, and no part is copied."""
 
     def __init__(
         self,
@@ -1709,13 +1712,16 @@ class S3Upload:
         self.store, self.ref, self.size = store, ref, size
         self.content_type, self.metadata = content_type, dict(metadata)
         self.client = store.client(ref)
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # the whole object of a single PutObject
         self.written = 0
         self.upload_id: str | None = None
         self.parts: list[Future[dict[str, Any]]] = []
         self.finished = False
         self.executor: ThreadPoolExecutor | None = None
-        self.slots = threading.BoundedSemaphore(store.window)
+        self.part: bytearray | None = None  # the part being filled
+        self.filled = 0
+        self.allocated = 0
+        self.free: queue_module.SimpleQueue[bytearray] = queue_module.SimpleQueue()
         # S3 allows 10,000 parts: past --part-size x 10,000 (78 GiB at 8 MiB) parts grow, in MiB.
         self.part_size = max(store.part_size, -(-size // (S3_MAX_PARTS * MiB)) * MiB)
         if size > store.part_size:
@@ -1735,42 +1741,49 @@ class S3Upload:
         self.executor = ThreadPoolExecutor(self.store.window, thread_name_prefix="s3-part")
 
     def write(self, chunk: bytes) -> None:
-        self.buffer += chunk
         self.written += len(chunk)
-        part = self.part_size
+        if self.written > self.size:
+            raise SourceChanged(f"source of {self.ref.uri} is longer than {self.size} bytes")
         if self.upload_id is None:
-            if len(self.buffer) > part:
-                raise SourceChanged(f"source of {self.ref.uri} is longer than {self.size} bytes")
+            self.buffer += chunk
             return
-        # A full part is sent unless it may be the last one (then commit() sends it).
-        while len(self.buffer) > part or (len(self.buffer) == part and self.written < self.size):
-            # Wait for a free slot before copying the part out: memory stays at window parts in
-            # flight plus this buffer, and the copy is made once.
-            self.slots.acquire()
-            with memoryview(self.buffer) as view:
-                data = view[:part].tobytes()
-            del self.buffer[:part]
-            self._submit_part(data)
+        view = memoryview(chunk)
+        while view:
+            if self.part is None:
+                self.part, self.filled = self._empty_part(), 0
+            n = min(len(view), self.part_size - self.filled)
+            self.part[self.filled : self.filled + n] = view[:n]
+            self.filled += n
+            view = view[n:]
+            # A full part goes up unless it is the last one (then commit() sends it).
+            if self.filled == self.part_size and self.written - len(view) < self.size:
+                self._submit_part(self.part)
+                self.part = None
 
-    def _send_part(self, data: bytes) -> None:
-        self.slots.acquire()  # blocks while the window is full: bounded memory
-        self._submit_part(data)
-
-    def _submit_part(self, data: bytes) -> None:
-        """Upload ``data`` as the next part; the caller holds a window slot."""
+    def _empty_part(self) -> bytearray:
+        """A part buffer: a new one while fewer than window + 1 exist, else the next one an
+        upload gives back (this is where a full window makes the transfer wait)."""
         self._raise_failed_part()
+        if self.allocated <= self.store.window:
+            self.allocated += 1
+            return bytearray(self.part_size)
+        buffer = self.free.get()
+        self._raise_failed_part()
+        return buffer
+
+    def _submit_part(self, data: bytearray) -> None:
+        """Upload ``data`` as the next part; its buffer comes back to ``free`` when done."""
         assert self.executor is not None
         future = self.executor.submit(self._upload_part, len(self.parts) + 1, data)
-        future.add_done_callback(lambda _: self.slots.release())
+        future.add_done_callback(lambda _: self.free.put(data))
         self.parts.append(future)
 
     def _raise_failed_part(self) -> None:
         for future in self.parts:
             if future.done() and future.exception() is not None:
-                self.slots.release()
                 future.result()
 
-    def _upload_part(self, number: int, data: bytes) -> dict[str, Any]:
+    def _upload_part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
         checksum = _b64(hashlib.sha256(data).digest())
         with _translated(aws_error, "destination"):
             response = self.client.upload_part(
@@ -1809,9 +1822,10 @@ class S3Upload:
         self.buffer = bytearray()
 
     def _complete(self) -> None:
-        if self.buffer or not self.parts:
-            self._send_part(bytes(self.buffer))
-            self.buffer = bytearray()
+        if self.part is not None:  # the last part, shortened in place
+            del self.part[self.filled :]
+            self._submit_part(self.part)
+            self.part = None
         parts = [future.result() for future in self.parts]  # raises the first failed part
         with _translated(aws_error, "destination"):
             self.client.complete_multipart_upload(
@@ -1823,7 +1837,7 @@ class S3Upload:
         self._stop_executor()
 
     def abort(self) -> None:
-        self.buffer = bytearray()
+        self.buffer, self.part = bytearray(), None
         self._stop_executor()
         if self.upload_id is None or self.finished:
             return
@@ -2006,10 +2020,60 @@ class GCSStore:
             self.client.bucket("transfer-worker..probe").exists(timeout=self.timeout, retry=None)
 
 
+class _BodyPipe:
+    """The body of one streamed request: bytes the transfer thread hands over, sent by the thread
+    making the request. The queue is short, so memory is a few read chunks however long the
+    request; requests sends an iterable that has a length with a Content-Length header."""
+
+    DEPTH = 2  # read chunks waiting to be sent
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self._queue: queue_module.Queue[Any] = queue_module.Queue(self.DEPTH)
+        self._cancelled = threading.Event()
+        self._iterated = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterated:  # a client that resends the body would wait forever for bytes
+            raise ConnectionAbortedError("a streamed upload body cannot be sent twice")
+        self._iterated = True
+        while True:
+            item = self._queue.get()
+            if self._cancelled.is_set():
+                raise ConnectionAbortedError("upload cancelled")
+            if item is None:
+                return
+            yield item
+
+    def put(self, data: Any, sender: Future[Any]) -> None:
+        """Hand ``data`` (None: the end) to the sender; blocks while the queue is full, and raises
+        the sender's error if it stopped, rather than waiting for it forever."""
+        while not sender.done():
+            with contextlib.suppress(queue_module.Full):
+                self._queue.put(data, timeout=0.1)
+                return
+        sender.result()
+        raise RetryableError("the upload request ended before its body was sent", reason=NETWORK)
+
+    def cancel(self) -> None:
+        """Make the sender's next read fail, so its request is abandoned, not completed."""
+        self._cancelled.set()
+        with contextlib.suppress(queue_module.Empty):
+            while True:
+                self._queue.get_nowait()
+        with contextlib.suppress(queue_module.Full):
+            self._queue.put_nowait(None)
+
+
 class GCSUpload:
     """One destination object. Up to one chunk: buffered, a single upload at commit with a CRC32C
-    the server checks. Larger: a resumable session opened with the metadata, chunks sent as they
-    fill, the final chunk (and with it the object) only at commit()."""
+    the server checks. Larger: a resumable session opened with the metadata; everything but the
+    last bytes streams to it in one request while the source is read (Google advises one chunk:
+    fewest requests), and the last 1 to 256 KiB, which finalise the object, are held back until
+    commit(). Memory is a few read chunks, whatever the object's size."""
 
     def __init__(
         self,
@@ -2025,14 +2089,18 @@ class GCSUpload:
         self.store, self.ref, self.size, self.content_type = store, ref, size, content_type
         self.blob = store.blob(ref)
         self.blob.metadata = dict(metadata)
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # the whole small object, or the held-back tail
         self.written = 0
-        self.sent = 0
         self.crc32c = google_crc32c.Checksum()
         self.session_url: str | None = None
         self.finished = False
+        self.pipe: _BodyPipe | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        # Non-final bytes must be a multiple of 256 KiB, and at least one byte must remain.
+        self.streamed = (size - 1) // GCS_QUANTUM * GCS_QUANTUM
         if size > store.chunk:
             self._initiate()
+            self._start_stream()
 
     def _initiate(self) -> None:
         with _translated(google_error, "destination"):
@@ -2044,23 +2112,33 @@ class GCSUpload:
                 retry=None,
             )
 
+    def _start_stream(self) -> None:
+        self.pipe = _BodyPipe(self.streamed)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="gcs-upload")
+        self.sender = self.executor.submit(self._put, self.pipe, 0, final=False)
+
     def write(self, chunk: bytes) -> None:
-        self.buffer += chunk
+        start = self.written
         self.written += len(chunk)
         self.crc32c.update(chunk)
-        step = self.store.chunk
-        if self.session_url is None:
-            if len(self.buffer) > step:
-                raise SourceChanged(f"source of {self.ref.uri} is longer than {self.size} bytes")
-            return
-        while len(self.buffer) > step or (len(self.buffer) == step and self.written < self.size):
-            self._put_chunk(bytes(self.buffer[:step]), final=False)
-            del self.buffer[:step]
+        limit = self.size if self.pipe else self.store.chunk
+        if self.written > limit:
+            raise SourceChanged(f"source of {self.ref.uri} is longer than {self.size} bytes")
+        cut = min(len(chunk), max(0, self.streamed - start)) if self.pipe else 0
+        if cut:
+            assert self.pipe is not None
+            self.pipe.put(chunk if cut == len(chunk) else memoryview(chunk)[:cut], self.sender)
+            if start + cut == self.streamed:
+                self.pipe.put(None, self.sender)
+        if cut < len(chunk):
+            self.buffer += chunk[cut:]
 
-    def _put_chunk(self, data: bytes, *, final: bool) -> Any:
+    def _put(self, data: Any, first: int, *, final: bool) -> Any:
+        """PUT bytes ``first``.. of the session. Only the final request names the total size,
+        and with it finalises the object."""
         assert self.session_url is not None
-        end = self.sent + len(data) - 1
-        headers = {"Content-Range": f"bytes {self.sent}-{end}/{self.size if final else '*'}"}
+        end = first + len(data) - 1
+        headers = {"Content-Range": f"bytes {first}-{end}/{self.size if final else '*'}"}
         if final:  # real GCS refuses to finalise an object whose CRC32C differs
             headers["X-Goog-Hash"] = f"crc32c={_b64(self.crc32c.digest())}"
         with _translated(google_error, "destination"):
@@ -2071,12 +2149,11 @@ class GCSUpload:
                 self._check_persisted(response, end)
             else:
                 _raise_for_response(response)
-        self.sent = end + 1
         return response
 
     def _check_persisted(self, response: Any, end: int) -> None:
-        """308 carries ``Range: bytes=0-N``: what the server kept. Less than sent means a lost
-        chunk; the attempt starts again rather than resending from the middle."""
+        """308 carries ``Range: bytes=0-N``: what the server kept. Less than sent means lost
+        bytes; the attempt starts again rather than resending from the middle."""
         kept = response.headers.get("Range", "")
         if not kept.endswith(f"-{end}"):
             raise RetryableError(
@@ -2088,7 +2165,9 @@ class GCSUpload:
         if self.session_url is None:
             resource = self._upload_whole(metadata)
         else:
-            resource = self._put_chunk(bytes(self.buffer), final=True).json()
+            self.sender.result()  # the streamed request, answered 308 and checked
+            resource = self._put(bytes(self.buffer), self.streamed, final=True).json()
+            self._stop_sender()
         self.finished = True
         self.buffer = bytearray()
         self._verify(resource)
@@ -2118,6 +2197,9 @@ class GCSUpload:
 
     def abort(self) -> None:
         self.buffer = bytearray()
+        if self.pipe is not None:
+            self.pipe.cancel()
+        self._stop_sender()
         if self.session_url is None or self.finished:
             return
         url, self.session_url = self.session_url, None
@@ -2125,6 +2207,11 @@ class GCSUpload:
         # unfinished resumable upload never becomes an object.
         with contextlib.suppress(Exception):
             self.store.client._http.delete(url, timeout=self.store.timeout)
+
+    def _stop_sender(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+            self.executor = None
 
 
 # -- SQS -------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def main() -> None:
     walls: dict[str, list[float]] = {who: [] for who in [*contenders, "startup"]}
     cpus: dict[str, list[float]] = {who: [] for who in [*contenders, "startup"]}
     rss: dict[str, list[int]] = {who: [] for who in contenders}
+    logged: dict[str, list[float]] = {who: [] for who in workers}
     try:
         with Servers() as servers:
             s3 = servers.s3()
@@ -92,7 +93,9 @@ def main() -> None:
                         )
                         part = int(who.split("-")[1].removesuffix("MiB")) * 1024 * 1024
                         argv = [*run_argv, "--part-size", str(part)]
-                        wall, peak, cpu = timed_usage(argv, env=env)
+                        log = base / f"{who}-{run}.log"
+                        wall, peak, cpu = timed_usage(argv, env=env, stdout_path=log)
+                        logged[who].append(logged_duration(log))
                     commands[who] = argv
                     digest, length = servers.gcs_sha256(DEST_BUCKET, dest)
                     if (digest, length) != (checksum, size):
@@ -146,6 +149,19 @@ def main() -> None:
         f"worker start-up and exit on an empty queue: wall median {median(walls['startup']):.2f} s, "
         f"CPU {startup_cpu:.2f} s (both included in the worker figures above)"
     )
+    for who in workers:
+        print(
+            f"{who} transfer as its log line reports it (receipt to acknowledgement): median "
+            f"{median(logged[who]):.2f} s runs {[round(x, 2) for x in logged[who]]}; "
+            f"ratio to rclone's whole wall time {median(logged[who]) / median(walls['rclone']):.2f}"
+        )
+
+
+def logged_duration(log: Path) -> float:
+    """duration_seconds of the worker's one success line."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    [done] = [line for line in lines if line.get("outcome") == "success"]
+    return float(done["duration_seconds"])
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--log-level", default="INFO", help="the worker's; INFO (its default) logs every event"
+    )
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="tw-bench-small-"))
     loop_rates, worker_rates = [], []
@@ -64,7 +67,7 @@ def main() -> None:
                 **os.environ,
                 "TRANSFER_WORKER_LOCAL_ROOT": str(root),
                 "TRANSFER_WORKER_HTTP_PORT": "0",
-                "TRANSFER_WORKER_LOG_LEVEL": "WARNING",
+                "TRANSFER_WORKER_LOG_LEVEL": args.log_level,
             }
             submit(events, env)
             wall, _ = timed(
@@ -77,7 +80,8 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(f"machine: {machine()}")
     print(
-        f"events: {args.events} x 1 KiB, runs: {args.runs}, worker concurrency {args.concurrency}"
+        f"events: {args.events} x 1 KiB, runs: {args.runs}, worker concurrency {args.concurrency}, "
+        f"log level {args.log_level}"
     )
     print(
         f"bare loop       : median {median(loop_rates):.0f} objects/s  runs {[round(x) for x in loop_rates]}"

@@ -312,7 +312,8 @@ _LAUNCHER = r"""
 import json, os, signal, subprocess, sys, time
 argv, timeout = json.loads(sys.argv[1]), float(sys.argv[2])
 start = time.perf_counter()
-child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+log = open(sys.argv[3], "wb") if len(sys.argv) > 3 else subprocess.DEVNULL
+child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log)
 signal.signal(signal.SIGALRM, lambda *_: os.kill(child.pid, signal.SIGKILL))
 signal.setitimer(signal.ITIMER_REAL, timeout)
 _, status, usage = os.wait4(child.pid, 0)
@@ -324,13 +325,18 @@ print(json.dumps({"wall": time.perf_counter() - start, "rss": usage.ru_maxrss * 
 
 
 def start_measured(
-    argv: list[str], env: dict[str, str] | None = None, timeout: float = 900.0
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 900.0,
+    stdout_path: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` under the launcher; finish with :func:`finish_measured`."""
+    """Start ``argv`` under the launcher (its stdout to ``stdout_path`` if given); finish with
+    :func:`finish_measured`."""
     import json
 
+    extra = [str(stdout_path)] if stdout_path else []
     return subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(argv), str(timeout)],
+        [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(argv), str(timeout), *extra],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -355,8 +361,11 @@ def finish_measured(launcher: subprocess.Popen[bytes], argv: Any = "") -> tuple[
 
 
 def timed_usage(
-    argv: list[str], env: dict[str, str] | None = None, timeout: float = 900.0
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 900.0,
+    stdout_path: Path | None = None,
 ) -> tuple[float, int, float]:
     """Wall seconds, peak RSS (bytes) and CPU seconds of one child process (os.wait4); the child
     is killed after ``timeout`` seconds."""
-    return finish_measured(start_measured(argv, env, timeout), argv)
+    return finish_measured(start_measured(argv, env, timeout, stdout_path), argv)
