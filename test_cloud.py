@@ -659,6 +659,47 @@ def test_sigterm_during_a_transfer_exits_0_and_loses_nothing(
     assert channel.is_empty()
 
 
+def test_a_stopped_pubsub_worker_hands_back_every_unfinished_message_at_once(
+    cloud_env: dict[str, str],
+    buckets: Buckets,
+    pubsub_topic_subscription: Callable[..., Any],
+    fault_proxy: Callable[..., FaultProxy],
+) -> None:
+    """SIGTERM while the worker holds more messages than it runs (the client keeps the rest on
+    hold) and the drain hands back the running ones: another subscriber gets every unfinished
+    message within seconds, not when the stopped worker's lease (300 s) runs out. Hand-backs sent
+    while the worker's own stream was still open came straight back down that stream, unread."""
+    channel = PubSubChannel(pubsub_topic_subscription(dead_letter=True))
+    proxy = fault_proxy(cloud_env["STORAGE_EMULATOR_HOST"])
+    proxy.delay = 2.0  # every GCS request: each transfer outlasts the drain timeout
+    events = [make_event(buckets, "aws_s3", "gcp_gcs", f"held/{n}.bin") for n in range(8)]
+    for event in events:
+        buckets.put("aws_s3", event["source"]["key"], os.urandom(1024))
+        channel.send(encode(event))
+    args = ("--concurrency", "2", "--drain-timeout", "0")
+    worker = WorkerProcess(via_proxy(cloud_env, "gcp_gcs", proxy), channel, *args, once=False)
+    wait_until(lambda: len(proxy.seen) >= 2, 60, "transfers talking to GCS")
+    assert worker.stop(signal.SIGTERM) == 0, worker.log_text()
+
+    unfinished = {e["eventId"] for e in events} - {
+        line["event_id"] for line in worker.outcomes("success")
+    }
+    pulled: set[str] = set()
+
+    def pull_all() -> bool:
+        response = channel.subscriber.pull(subscription=channel.queue, max_messages=10, timeout=5)
+        received = list(response.received_messages)
+        pulled.update(json.loads(item.message.data)["eventId"] for item in received)
+        if received:
+            ack_ids = [item.ack_id for item in received]
+            channel.subscriber.acknowledge(subscription=channel.queue, ack_ids=ack_ids)
+        return unfinished <= pulled
+
+    with contextlib.suppress(TimeoutError):
+        wait_until(pull_all, 15, "every unfinished message back on the subscription")
+    assert unfinished - pulled == set(), worker.log_text()
+
+
 def test_s3_parts_grow_to_stay_within_ten_thousand(aws_env: str):
     """A 200 GiB object at 8 MiB parts would need 25,600 parts; S3 allows 10,000. The upload is
     created for real on moto (and aborted), nothing of that size is sent."""

@@ -481,6 +481,10 @@ class MessageQueue(Protocol):
 
     def check(self) -> None: ...
 
+    def stop_receiving(self) -> None:
+        """No more deliveries to this worker; called when it stops, before it hands anything
+        back, so a handed-back message cannot come straight back to it."""
+
     def close(self) -> None: ...
 
 
@@ -895,6 +899,9 @@ class LocalQueue:
     def check(self) -> None:
         with self._lock:
             self._db.execute("SELECT 1 FROM messages LIMIT 1").fetchall()
+
+    def stop_receiving(self) -> None:
+        """Nothing to do: a receive() is the only way messages arrive."""
 
     def close(self) -> None:
         self._closing.set()
@@ -2310,6 +2317,9 @@ class SQSQueue:
         with _translated(aws_error, "queue"):
             self.client.get_queue_attributes(QueueUrl=self.url, AttributeNames=["QueueArn"])
 
+    def stop_receiving(self) -> None:
+        """Nothing to do: a receive() is the only way messages arrive."""
+
     def close(self) -> None:
         """Hand back what was received and never settled (visibility 0), so another worker
         picks it up now instead of after the visibility timeout."""
@@ -2349,7 +2359,12 @@ class PubSubQueue:
     hours) until ack or nack; the callback only moves them into a buffer that receive() drains.
     ``delivery_attempt`` is the delivery count when the subscription has a dead_letter_policy
     (the safety net for messages that keep killing workers); without one it is always 1.
-    retry_later() is a nack: the subscription's retry_policy provides the backoff."""
+    retry_later() is a nack: the subscription's retry_policy provides the backoff.
+
+    Shutdown ends the stream before anything is handed back (stop_receiving): a nacked message is
+    redelivered at once, and while this worker's stream is open the server may send it straight
+    back down that stream, which flow control has paused. It then sits there unread until the
+    stream closes, leased for the stream's ack deadline (the lease, 300 s by default)."""
 
     receive_wait = 1.0  # receive() only drains a local buffer, so keep shutdown prompt
     startup_wait = 5.0  # the first receive waits for the stream to open (run --once)
@@ -2363,23 +2378,26 @@ class PubSubQueue:
         self.subscription = config.queue
         self.target = dead_letter_target
         self.subscriber = subscriber or pubsub_v1.SubscriberClient()
-        lease = max(10, min(600, config.visibility_timeout))  # Pub/Sub allows 10..600 s
+        self.lease = max(10, min(600, config.visibility_timeout))  # Pub/Sub allows 10..600 s
         self.flow_control = pubsub_v1.types.FlowControl(
             max_messages=config.concurrency,
             max_bytes=config.concurrency * config.max_message_bytes * 2,
             max_lease_duration=self.max_lease,
-            min_duration_per_lease_extension=lease,
-            max_duration_per_lease_extension=lease,
+            min_duration_per_lease_extension=self.lease,
+            max_duration_per_lease_extension=self.lease,
         )
         self.buffer: queue_module.Queue[Any] = queue_module.Queue()
         self.future: Any = None
-        self.closing = threading.Event()
+        self.stopped = False  # the stream ended: acks, nacks and leases go as unary calls
+        self.closed = False  # close() took the buffer: a late callback releases its message
+        self._held: dict[str, Any] = {}  # message id -> client message, handed out, unsettled
         self._lock = threading.Lock()
+        self._stopping = threading.Lock()  # held while stop_receiving() ends the stream
         self._started_at = 0.0
 
     def _stream(self) -> Any:
         with self._lock:
-            if self.future is None:
+            if self.future is None and not self.stopped:
                 self.future = self.subscriber.subscribe(
                     self.subscription,
                     self._on_message,
@@ -2389,24 +2407,30 @@ class PubSubQueue:
                 self._started_at = time.monotonic()
             return self.future
 
-    def _on_message(self, message: Any) -> None:
-        with self._lock:  # never buffer a message after close() drained the buffer
-            if self.closing.is_set():
-                message.nack()
-            else:
-                self.buffer.put(message)
-
-    def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
+    def _raise_if_ended(self) -> None:
+        """The stream ended for good: subscription gone, permission denied."""
         future = self._stream()
-        if future.done():  # the stream ended for good: subscription gone, permission denied
+        if future is not None and future.done() and not self.stopped:
             with _translated(google_error, "queue"):
                 future.result()
+
+    def _on_message(self, message: Any) -> None:
+        with self._lock:  # never buffer a message after close() took the buffer
+            if not self.closed:
+                self.buffer.put(message)
+                return
+        self._release_quietly([message])
+
+    def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
+        self._raise_if_ended()
         wait = max(wait_seconds, self._started_at + self.startup_wait - time.monotonic())
         taken = []
         with contextlib.suppress(queue_module.Empty):
             taken.append(self.buffer.get(timeout=wait) if wait > 0 else self.buffer.get_nowait())
             while len(taken) < max_messages:
                 taken.append(self.buffer.get_nowait())
+        with self._lock:
+            self._held.update({item.message_id: item for item in taken})
         return [self._message(item) for item in taken]
 
     @staticmethod
@@ -2418,60 +2442,109 @@ class PubSubQueue:
             message_id=item.message_id,
         )
 
+    def _settle(self, message: Message, through_stream: Callable[[], None]) -> bool:
+        """Forget the message; while the stream runs, settle it through the client (which also
+        ends its lease) and return True. Under the lock, so stop_receiving() cannot stop the
+        client's dispatcher between the check and the request it would have sent."""
+        with self._lock:
+            self._held.pop(message.message_id, None)
+            if not self.stopped:
+                through_stream()
+            return not self.stopped
+
     def ack(self, message: Message) -> None:
-        message.handle.ack()
+        if not self._settle(message, message.handle.ack):
+            with _translated(google_error, "queue"):
+                self.subscriber.acknowledge(
+                    request={"subscription": self.subscription, "ack_ids": [message.handle.ack_id]}
+                )
 
     def retry_later(self, message: Message, delay: float) -> None:
-        message.handle.nack()  # drops it from the client's lease management...
-        self._release_now([message.handle])  # ...whose own modack may die with a closing stream
+        if not self._settle(message, message.handle.nack):
+            self.stop_receiving()  # returns once the stream is down: never release into it
+            self._modify_deadline([message.handle], 0)
 
-    def _release_now(self, items: list[Any]) -> None:
-        """Make messages deliverable again at once, synchronously: the streaming pull client sends
-        nacks from a dispatcher thread that close() may stop before they leave, which would hold
-        the message until its lease ran out (the visibility timeout)."""
+    def extend(self, message: Message, seconds: float) -> None:
+        """While the stream runs the client's lease management extends every message it holds;
+        once it stopped, the worker's heartbeat does, for messages not yet handed back."""
+        with self._lock:
+            renew = self.stopped and message.message_id in self._held
+        if renew:
+            self._modify_deadline([message.handle], min(self.lease, seconds))
+
+    def _modify_deadline(self, items: list[Any], seconds: float) -> None:
+        """Synchronous ModifyAckDeadline (0: deliverable again at once)."""
         ack_ids = [item.ack_id for item in items]
         if not ack_ids:
             return
-        with contextlib.suppress(Exception), _translated(google_error, "queue"):
+        with _translated(google_error, "queue"):
             self.subscriber.modify_ack_deadline(
                 request={
                     "subscription": self.subscription,
                     "ack_ids": ack_ids,
-                    "ack_deadline_seconds": 0,
+                    "ack_deadline_seconds": int(seconds),
                 }
             )
 
-    def extend(self, message: Message, seconds: float) -> None:
-        """Nothing to do: the client's lease management extends every message it holds."""
+    def _release_quietly(self, items: list[Any]) -> None:
+        with contextlib.suppress(TransferError):
+            self._modify_deadline(items, 0)
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
         self.target.publish(json.dumps(envelope).encode("utf-8"))
-        message.handle.ack()
+        self.ack(message)
 
     def check(self) -> None:
         """The stream is open or opening. Needs no permission beyond consuming (roles/pubsub.
         subscriber has no subscriptions.get); a missing subscription or a denied one ends the
         stream with that error."""
-        future = self._stream()
-        if future.done():
-            with _translated(google_error, "queue"):
-                future.result()
+        self._raise_if_ended()
 
-    def close(self) -> None:
-        """Nack what was buffered and not handed out, then end the streaming pull."""
+    def stop_receiving(self) -> None:
+        """End the streaming pull, then hand back what it delivered and the worker never took.
+        The client nacks its on-hold messages itself once the stream is down. Idempotent; a
+        second caller returns once the first has ended the stream."""
+        with self._stopping:
+            if self._end_stream():
+                self._release_quietly(self._take_buffer())
+                self._renew_running_leases()
+
+    def _end_stream(self) -> bool:
+        """Cancel the streaming pull and wait for its shutdown; False if it was already done."""
         with self._lock:
-            self.closing.set()
-        unstarted = []
+            if self.stopped:
+                return False
+            self.stopped = True  # from now on acks and hand-backs are unary calls
+            future = self.future
+        if future is not None:
+            future.cancel()
+            with contextlib.suppress(Exception):
+                future.result(timeout=10)  # callbacks have run: await_callbacks_on_shutdown
+        return True
+
+    def _renew_running_leases(self) -> None:
+        """The client's lease management stopped with the stream and may have renewed a lease
+        up to 90 % of it ago: give the running messages a full lease for the drain; the
+        worker's heartbeat (extend) renews them from here on."""
+        with self._lock:
+            running = list(self._held.values())
+        with contextlib.suppress(TransferError):
+            self._modify_deadline(running, self.lease)
+
+    def _take_buffer(self) -> list[Any]:
+        taken = []
         with contextlib.suppress(queue_module.Empty):
             while True:
-                unstarted.append(self.buffer.get_nowait())
-        for item in unstarted:
-            item.nack()
-        self._release_now(unstarted)
-        if self.future is not None:
-            self.future.cancel()
-            with contextlib.suppress(Exception):
-                self.future.result(timeout=10)
+                taken.append(self.buffer.get_nowait())
+        return taken
+
+    def close(self) -> None:
+        """Stop receiving, hand back everything received and never settled, close the client."""
+        self.stop_receiving()
+        with self._lock:
+            self.closed = True
+            unsettled, self._held = list(self._held.values()), {}
+        self._release_quietly(self._take_buffer() + unsettled)
         with contextlib.suppress(Exception):
             self.subscriber.close()
 
@@ -3009,7 +3082,7 @@ class Worker:
     def _start_all(self, messages: list[Message]) -> None:
         for message in messages:
             if self.stop_event.is_set():  # received after the stop request: never started
-                self._settle_quietly(functools.partial(self.queue.retry_later, message, 0))
+                self._hand_back(message)
                 continue
             with self._in_flight_lock:
                 self._next_id += 1
@@ -3037,9 +3110,11 @@ class Worker:
                 self._in_flight_lock.notify_all()
 
     def _drain(self) -> None:
-        """Give in-flight transfers the drain timeout, then hand back whatever is still running."""
+        """Stop receiving (what the queue delivered and was not started goes back at once), give
+        in-flight transfers the drain timeout, then hand back whatever is still running."""
         if self.readiness:
             self.readiness.draining.set()
+        self.queue.stop_receiving()
         deadline = (self._stop_requested_at or time.monotonic()) + self.config.drain_timeout
         with self._in_flight_lock:
             self._in_flight_lock.wait_for(
@@ -3048,7 +3123,7 @@ class Worker:
             left = list(self._in_flight.values())
         for message in left:
             self._cancelled.add(message.message_id)
-            self._settle_quietly(functools.partial(self.queue.retry_later, message, 0))
+            self._hand_back(message)
         if left:
             self.log.warning(
                 "Drain timeout passed; handed back unfinished messages", count=len(left)
@@ -3057,6 +3132,12 @@ class Worker:
             # multipart upload); a short, bounded wait lets them do so before the process ends.
             with self._in_flight_lock:
                 self._in_flight_lock.wait_for(lambda: not self._in_flight, timeout=5.0)
+
+    def _hand_back(self, message: Message) -> None:
+        """Shutdown hand-back. The queue stops receiving first: Pub/Sub redelivers a nacked
+        message at once, possibly down this worker's own stream, where nobody would read it."""
+        self.queue.stop_receiving()
+        self._settle_quietly(functools.partial(self.queue.retry_later, message, 0))
 
     def _stop_if_handed_back(self, message: Message) -> None:
         if message.message_id in self._cancelled:
@@ -3087,7 +3168,7 @@ class Worker:
             self._check_allowed(event)
             result = self._transfer_with_retries(event, message, attempts, log)
         except ShutdownRequested:
-            self._settle_quietly(lambda: self.queue.retry_later(message, 0))
+            self._hand_back(message)
             log.info("Transfer interrupted by shutdown; message handed back", outcome="released")
         except TransferError as exc:
             self._dead_letter(message, event, exc, attempts=attempts[0], started=started, log=log)
