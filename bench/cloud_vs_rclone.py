@@ -62,6 +62,7 @@ def main() -> None:
             config = servers.rclone_config(base / "rclone.conf")
             rclone_env = servers.rclone_env(config)
             env = servers.worker_env()
+            info_env = servers.worker_env(TRANSFER_WORKER_LOG_LEVEL="INFO")  # its outcome line
             run_argv = [*WORKER, "run", "--once", "--queue", queue, "--dead-letter", dead]
             commands = {}
             for run in range(args.runs):
@@ -94,7 +95,7 @@ def main() -> None:
                         part = int(who.split("-")[1].removesuffix("MiB")) * 1024 * 1024
                         argv = [*run_argv, "--part-size", str(part)]
                         log = base / f"{who}-{run}.log"
-                        wall, peak, cpu = timed_usage(argv, env=env, stdout_path=log)
+                        wall, peak, cpu = timed_usage(argv, env=info_env, stdout_path=log)
                         logged[who].append(logged_duration(log))
                     commands[who] = argv
                     digest, length = servers.gcs_sha256(DEST_BUCKET, dest)
