@@ -401,6 +401,9 @@ def test_keda_matches_profile(target: str) -> None:
         assert int(trigger["metadata"]["queueLength"]) == keda["sqs_queue_length_target"]
         assert trigger["metadata"]["queueURL"] == config["data"]["TRANSFER_WORKER_QUEUE"]
         assert auth["spec"]["podIdentity"]["provider"] == "aws"
+        # The worker's IAM role trusts web identities only (terraform/aws.tf): KEDA must read
+        # the queue depth with its own role, not by assuming the workload's.
+        assert auth["spec"]["podIdentity"]["identityOwner"] == "keda"
     else:
         assert trigger["type"] == "gcp-pubsub"
         assert trigger["metadata"]["mode"] == "SubscriptionSize"
