@@ -45,7 +45,15 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
@@ -1421,6 +1429,23 @@ def _translated(translate: Callable[[Exception, str], TransferError | None], sid
     return manager()
 
 
+REQUEST_TRIES = 3  # of one idempotent request (a range read, an abort) within an attempt
+
+
+def _request_retries() -> tenacity.Retrying:
+    """Retries of one idempotent request, so that one dropped connection does not start a large
+    transfer again from its first byte. A changed source is not retried here: the attempt
+    starts again, from the new version."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(REQUEST_TRIES),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=2),
+        retry=tenacity.retry_if_exception(
+            lambda e: isinstance(e, RetryableError) and not isinstance(e, SourceChanged)
+        ),
+        reraise=True,
+    )
+
+
 # -- AWS: one translation for S3 and SQS ----------------------------------------------------------
 
 AWS_THROTTLING = frozenset(
@@ -1623,24 +1648,47 @@ class S3Store:
 
     @contextlib.contextmanager
     def open_read(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[Iterator[bytes]]:
+        chunks = self._chunks(ref, info)
         try:
-            with _translated(aws_error, "source"):
-                response = self.client(ref).get_object(
-                    Bucket=ref.bucket, Key=ref.key, IfMatch=info.version
-                )
+            yield chunks
+        finally:
+            chunks.close()
+
+    def _chunks(self, ref: ObjectRef, info: ObjectInfo) -> Generator[bytes, None, None]:
+        """The object from its first byte; a stream that breaks is reopened where it stopped
+        (same ETag), a few times, so one dropped connection does not restart a large transfer."""
+        offset, reopened = 0, 0
+        while True:
+            body = self._get(ref, info, offset)
+            try:
+                with _translated(aws_error, "source"):
+                    for chunk in body.iter_chunks(self.chunk_size):
+                        offset += len(chunk)
+                        yield chunk
+                return
+            except RetryableError as exc:
+                if offset >= info.size and not isinstance(exc, SourceChanged):
+                    return  # every byte arrived; the engine checks length and digest
+                reopened += 1
+                if isinstance(exc, SourceChanged) or reopened >= REQUEST_TRIES:
+                    raise
+            finally:
+                body.close()
+
+    def _get(self, ref: ObjectRef, info: ObjectInfo, offset: int) -> Any:
+        """The body of a GET pinned to the ETag head() saw, from ``offset`` on."""
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            for attempt in _request_retries():
+                with attempt, _translated(aws_error, "source"):
+                    response = self.client(ref).get_object(
+                        Bucket=ref.bucket, Key=ref.key, IfMatch=info.version, **extra
+                    )
         except PermanentError as exc:
             if exc.reason == "source_not_found":  # head saw it: it went away since
                 raise SourceChanged(f"{ref.uri} disappeared before it was read") from exc
             raise
-        body = response["Body"]
-        try:
-            yield self._chunks(body)
-        finally:
-            body.close()
-
-    def _chunks(self, body: Any) -> Iterator[bytes]:
-        with _translated(aws_error, "source"):
-            yield from body.iter_chunks(self.chunk_size)
+        return response["Body"]
 
     def open_write(
         self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
@@ -1849,12 +1897,15 @@ class S3Upload:
         if self.upload_id is None or self.finished:
             return
         upload_id, self.upload_id = self.upload_id, None
-        # A failed abort leaves the upload to abort_stale_uploads() of the next attempt and to
-        # the bucket's lifecycle rule; it must not hide the error that caused the abort.
-        with contextlib.suppress(TransferError), _translated(aws_error, "destination"):
-            self.client.abort_multipart_upload(
-                Bucket=self.ref.bucket, Key=self.ref.key, UploadId=upload_id
-            )
+        # The abort is idempotent, and when this was the last attempt nothing else would abort
+        # the upload before the bucket's lifecycle rule: a few tries. It must not hide the error
+        # that caused the abort.
+        with contextlib.suppress(TransferError):
+            for attempt in _request_retries():
+                with attempt, _translated(aws_error, "destination"):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.ref.bucket, Key=self.ref.key, UploadId=upload_id
+                    )
 
     def _stop_executor(self) -> None:
         if self.executor is not None:
@@ -1989,27 +2040,35 @@ class GCSStore:
         blob = self.blob(ref, int(info.version))
         for start in range(0, info.size, self.chunk):
             end = min(start + self.chunk, info.size) - 1
-            try:
-                with _translated(google_error, "source"):
-                    data = blob.download_as_bytes(
-                        start=start,
-                        end=end,
-                        raw_download=True,
-                        checksum=None,
-                        retry=None,
-                        timeout=self.timeout,
-                    )
-            except PermanentError as exc:
-                if exc.reason == "source_not_found":
-                    raise SourceChanged(f"{ref.uri} generation {info.version} is gone") from exc
-                raise
-            if len(data) != end - start + 1:
-                raise SourceChanged(f"{ref.uri} is shorter than {info.size} bytes")
+            for attempt in _request_retries():
+                with attempt:
+                    data = self._read_range(blob, ref, info, start, end)
             yield data
         # Emulators ignore the generation of a download, so look once more at the end.
         current = self.head(ref)
         if current is None or current.version != info.version:
             raise SourceChanged(f"{ref.uri} changed while it was read")
+
+    def _read_range(
+        self, blob: Any, ref: ObjectRef, info: ObjectInfo, start: int, end: int
+    ) -> bytes:
+        try:
+            with _translated(google_error, "source"):
+                data: bytes = blob.download_as_bytes(
+                    start=start,
+                    end=end,
+                    raw_download=True,
+                    checksum=None,
+                    retry=None,
+                    timeout=self.timeout,
+                )
+        except PermanentError as exc:
+            if exc.reason == "source_not_found":
+                raise SourceChanged(f"{ref.uri} generation {info.version} is gone") from exc
+            raise
+        if len(data) != end - start + 1:
+            raise SourceChanged(f"{ref.uri} is shorter than {info.size} bytes")
+        return data
 
     def open_write(
         self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
