@@ -1432,12 +1432,14 @@ def _translated(translate: Callable[[Exception, str], TransferError | None], sid
 REQUEST_TRIES = 3  # of one idempotent request (a range read, an abort) within an attempt
 
 
-def _request_retries() -> tenacity.Retrying:
+def _request_retries(tries: int = REQUEST_TRIES) -> tenacity.Retrying:
     """Retries of one idempotent request, so that one dropped connection does not start a large
     transfer again from its first byte. A changed source is not retried here: the attempt
-    starts again, from the new version."""
+    starts again, from the new version. A read that has not moved a byte yet passes
+    ``tries=1``: failing the attempt costs nothing then, and the attempt's retry is the one
+    that backs off, logs and counts (retry_count)."""
     return tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(REQUEST_TRIES),
+        stop=tenacity.stop_after_attempt(tries),
         wait=tenacity.wait_exponential(multiplier=0.2, max=2),
         retry=tenacity.retry_if_exception(
             lambda e: isinstance(e, RetryableError) and not isinstance(e, SourceChanged)
@@ -1679,7 +1681,7 @@ class S3Store:
         """The body of a GET pinned to the ETag head() saw, from ``offset`` on."""
         extra = {"Range": f"bytes={offset}-"} if offset else {}
         try:
-            for attempt in _request_retries():
+            for attempt in _request_retries(REQUEST_TRIES if offset else 1):
                 with attempt, _translated(aws_error, "source"):
                     response = self.client(ref).get_object(
                         Bucket=ref.bucket, Key=ref.key, IfMatch=info.version, **extra
@@ -2040,7 +2042,7 @@ class GCSStore:
         blob = self.blob(ref, int(info.version))
         for start in range(0, info.size, self.chunk):
             end = min(start + self.chunk, info.size) - 1
-            for attempt in _request_retries():
+            for attempt in _request_retries(REQUEST_TRIES if start else 1):
                 with attempt:
                     data = self._read_range(blob, ref, info, start, end)
             yield data
