@@ -613,6 +613,30 @@ def test_a_worker_killed_mid_transfer_is_redelivered_and_leaves_no_upload(
         assert buckets.multipart_uploads() == []
 
 
+def test_an_event_past_its_budget_aborts_the_uploads_its_killed_deliveries_left(
+    cloud_env: dict[str, str], buckets: Buckets
+) -> None:
+    """The last delivery of an event whose earlier deliveries were killed mid-upload is
+    dead-lettered at once; it also aborts what they left open, since no attempt follows."""
+    channel = SQSChannel(cloud_env)
+    buckets.put("gcp_gcs", "big.bin", b"x" * 1024)
+    event = make_event(buckets, "gcp_gcs", "aws_s3", "big.bin", maxRetries=0)
+    dst_bucket, dst_key = buckets.names["aws_s3"], event["destination"]["key"]
+    buckets.s3.create_multipart_upload(Bucket=dst_bucket, Key=dst_key)  # the killed delivery's
+    buckets.s3.create_multipart_upload(Bucket=dst_bucket, Key=dst_key + ".other")  # not ours
+    channel.send(encode(event))
+    first = channel.sqs.receive_message(QueueUrl=channel.queue, VisibilityTimeout=0)
+    assert len(first["Messages"]) == 1  # delivery 1 of a budget of 1: it "crashed"
+
+    worker = run_once(cloud_env, channel)
+    [envelope] = channel.dead_letters()
+    assert envelope["reason"] == "retries_exhausted" and envelope["receive_count"] == 2
+    assert [u["Key"] for u in buckets.multipart_uploads()] == [dst_key + ".other"]
+    assert buckets.keys("aws_s3") == []
+    [line] = [x for x in worker.lines if x.get("message", "").startswith("Aborted uploads")]
+    assert line["uploads_aborted"] == 1
+
+
 @pytest.mark.parametrize("drain", ["finish", "hand_back"])
 def test_sigterm_during_a_transfer_exits_0_and_loses_nothing(
     cloud_env: dict[str, str],

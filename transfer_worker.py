@@ -460,6 +460,12 @@ class ObjectStore(Protocol):
     def check(self) -> None:
         """Raise if the store cannot be reached (used by /ready)."""
 
+    def abort_stale_uploads(self, ref: ObjectRef) -> int:
+        """Abort unfinished uploads to ``ref`` that killed workers left behind, where the store
+        keeps them (S3 multipart uploads); returns how many. Stores whose leftovers cannot be
+        found by key (local temp files, GCS resumable sessions) return 0: a start-up sweep or
+        the session's own expiry removes them."""
+
 
 class Publisher(Protocol):
     """Puts one message body on a queue or topic (``submit --to``, dead-letter targets)."""
@@ -634,6 +640,9 @@ class LocalObjectStore:
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise PermanentError(f"{self.root} is not writable", reason="destination_error")
+
+    def abort_stale_uploads(self, ref: ObjectRef) -> int:
+        return 0  # temp files are not named after keys: sweep_temporary() removes them
 
     def sweep_temporary(self, max_age: float) -> int:
         """Delete upload temp files that a killed worker left behind. A live upload writes its
@@ -2077,6 +2086,9 @@ class GCSStore:
     ) -> GCSUpload:
         return GCSUpload(self, ref, size=size, content_type=content_type, metadata=metadata)
 
+    def abort_stale_uploads(self, ref: ObjectRef) -> int:
+        return 0  # a killed worker's resumable session is invisible and expires within a week
+
     def check(self) -> None:
         """Credentials resolve and the endpoint answers: a lookup of a bucket that cannot exist
         (names with '..' are invalid) costs one request and needs no permission; 400/404 mean
@@ -3257,6 +3269,7 @@ class Worker:
         budget = 1 + min(event.max_retries, self.config.max_retries)
         remaining = budget - attempts[0]
         if remaining <= 0:
+            self._abort_stale_uploads(event, log)
             raise PermanentError(
                 f"delivered {message.receive_count} times without settling "
                 f"(attempt budget {budget})",
@@ -3288,6 +3301,19 @@ class Worker:
                 f"gave up after {attempts[0]} attempts: {exc} ({exc.reason})",
                 reason="retries_exhausted",
             ) from exc
+
+    def _abort_stale_uploads(self, event: TransferEvent, log: Any) -> None:
+        """Earlier deliveries that never settled were most likely killed mid-upload, and no
+        later attempt will abort what they left open. Best effort: the dead-letter goes ahead
+        either way, and the bucket's lifecycle rule is the safety net."""
+        store = self.engine.stores[event.destination.provider]
+        try:
+            aborted = store.abort_stale_uploads(event.destination)
+        except TransferError as exc:
+            log.warning("Could not abort uploads left by earlier deliveries", error=str(exc))
+            return
+        if aborted:
+            log.info("Aborted uploads left by earlier deliveries", uploads_aborted=aborted)
 
     def _on_retry(self, event: TransferEvent, state: tenacity.RetryCallState, log: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None
