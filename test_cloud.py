@@ -613,6 +613,30 @@ def test_a_worker_killed_mid_transfer_is_redelivered_and_leaves_no_upload(
         assert buckets.multipart_uploads() == []
 
 
+def test_an_event_past_its_budget_aborts_the_uploads_its_killed_deliveries_left(
+    cloud_env: dict[str, str], buckets: Buckets
+) -> None:
+    """The last delivery of an event whose earlier deliveries were killed mid-upload is
+    dead-lettered at once; it also aborts what they left open, since no attempt follows."""
+    channel = SQSChannel(cloud_env)
+    buckets.put("gcp_gcs", "big.bin", b"x" * 1024)
+    event = make_event(buckets, "gcp_gcs", "aws_s3", "big.bin", maxRetries=0)
+    dst_bucket, dst_key = buckets.names["aws_s3"], event["destination"]["key"]
+    buckets.s3.create_multipart_upload(Bucket=dst_bucket, Key=dst_key)  # the killed delivery's
+    buckets.s3.create_multipart_upload(Bucket=dst_bucket, Key=dst_key + ".other")  # not ours
+    channel.send(encode(event))
+    first = channel.sqs.receive_message(QueueUrl=channel.queue, VisibilityTimeout=0)
+    assert len(first["Messages"]) == 1  # delivery 1 of a budget of 1: it "crashed"
+
+    worker = run_once(cloud_env, channel)
+    [envelope] = channel.dead_letters()
+    assert envelope["reason"] == "retries_exhausted" and envelope["receive_count"] == 2
+    assert [u["Key"] for u in buckets.multipart_uploads()] == [dst_key + ".other"]
+    assert buckets.keys("aws_s3") == []
+    [line] = [x for x in worker.lines if x.get("message", "").startswith("Aborted uploads")]
+    assert line["uploads_aborted"] == 1
+
+
 @pytest.mark.parametrize("drain", ["finish", "hand_back"])
 def test_sigterm_during_a_transfer_exits_0_and_loses_nothing(
     cloud_env: dict[str, str],
@@ -737,3 +761,101 @@ def test_a_body_cut_mid_download_is_retryable_for_both_providers():
                 translate,
                 exc,
             )
+
+
+# -- one dropped connection does not restart a transfer -----------------------------------------
+
+
+def _nth_object_get(path_part: str, gets: list[str], n: int = 1) -> Callable[[str, str], bool]:
+    """Fault-proxy predicate: fault only the n-th GET of the object's bytes; record them all."""
+
+    def applies(method: str, path: str) -> bool:
+        if method != "GET" or path_part not in path:
+            return False
+        gets.append(path)
+        return len(gets) == n
+
+    return applies
+
+
+def test_an_s3_read_cut_mid_body_resumes_where_it_stopped(aws_env: str) -> None:
+    import boto3
+
+    import transfer_worker as tw
+    from tests.faultproxy import FaultProxy as CuttingProxy
+
+    bucket, key, data = unique("s3r"), "in/resume.bin", os.urandom(3 * MiB + 77)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    gets: list[str] = []
+    applies = _nth_object_get(f"/{bucket}/{key}", gets)
+    with CuttingProxy(aws_env, rates={"reset_mid_body": 1.0}, applies=applies) as proxy:
+        store = tw.S3Store(clients=tw.AwsClients(pool=4, endpoint_url=proxy.url))
+        ref = tw.ObjectRef("aws_s3", bucket, key)
+        info = store.head(ref)
+        assert info is not None
+        with store.open_read(ref, info) as chunks:
+            read = b"".join(chunks)
+        assert proxy.counts["reset_mid_body"] == 1
+    assert read == data
+    assert len(gets) == 2  # the cut GET, then one from where it stopped (Range, same ETag)
+
+
+def test_a_gcs_range_read_cut_mid_body_is_read_again(
+    gcs_env: str, gcs_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transfer_worker as tw
+    from tests.faultproxy import FaultProxy as CuttingProxy
+
+    """The second of three ranges is cut: it is read again, the first is not. (A cut first
+    range fails the attempt instead: nothing read yet is lost, and that retry backs off.)"""
+    bucket, key, data = unique("gcsr"), "in/range.bin", os.urandom(2 * MiB + 77)
+    gcs_client.create_bucket(bucket)
+    gcs_client.bucket(bucket).blob(key).upload_from_string(data)
+    gets: list[str] = []
+    applies = _nth_object_get("alt=media", gets, n=2)
+    with CuttingProxy(
+        gcs_env, rates={"reset_mid_body": 1.0}, applies=applies, dialect="gcs"
+    ) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        store = tw.GCSStore(part_size=tw.MiB)
+        ref = tw.ObjectRef("gcp_gcs", bucket, key)
+        info = store.head(ref)
+        assert info is not None
+        with store.open_read(ref, info) as chunks:
+            read = b"".join(chunks)
+        assert proxy.counts["reset_mid_body"] == 1
+    assert read == data
+    assert len(gets) == 4  # three ranges, the second of them twice
+
+
+def test_an_s3_abort_that_fails_is_tried_again(aws_env: str) -> None:
+    """When the last attempt fails, nothing else would abort its upload before the bucket's
+    lifecycle rule: the abort itself is retried (botocore tries twice, the worker three times)."""
+    import boto3
+
+    import transfer_worker as tw
+    from tests.faultproxy import FaultProxy as FailingProxy
+
+    bucket, key = unique("s3a"), "out/aborted.bin"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    deletes: list[str] = []
+
+    def first_three_aborts(method: str, path: str) -> bool:
+        if method != "DELETE" or "uploadId=" not in path:
+            return False
+        deletes.append(path)
+        return len(deletes) <= 3
+
+    with FailingProxy(aws_env, rates={"error500": 1.0}, applies=first_three_aborts) as proxy:
+        store = tw.S3Store(clients=tw.AwsClients(pool=4, endpoint_url=proxy.url))
+        upload = store.open_write(
+            tw.ObjectRef("aws_s3", bucket, key), size=20 * MiB, content_type="x/y", metadata={}
+        )
+        upload.write(os.urandom(9 * MiB))  # one part sent, one being filled
+        upload.abort()
+        assert proxy.counts["error500"] == 3
+    assert len(deletes) == 4
+    uploads = boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert uploads == []

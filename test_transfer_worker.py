@@ -729,6 +729,42 @@ def test_a_message_past_its_budget_is_dead_lettered_without_a_transfer(root: Pat
     assert envelope["reason"] == "retries_exhausted" and envelope["receive_count"] == 3
 
 
+class UploadsLeftStore(tw.LocalObjectStore):
+    """A destination whose killed deliveries left uploads behind, and whose abort may fail."""
+
+    def __init__(self, *args: Any, error: Exception | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.error = error
+        self.aborted: list[tw.ObjectRef] = []
+
+    def abort_stale_uploads(self, ref: tw.ObjectRef) -> int:
+        if self.error:
+            raise self.error
+        self.aborted.append(ref)
+        return 1
+
+
+@pytest.mark.parametrize("error", [None, tw.RetryableError("503", reason="throttled")])
+def test_an_event_past_its_budget_aborts_leftover_uploads_best_effort(
+    root: Path, error: Exception | None
+):
+    stores = tw.build_stores(tw.Config(local_root=str(root)))
+    destination = UploadsLeftStore(root, "gcp_gcs", error=error)
+    h = Harness(root, stores={**stores, "gcp_gcs": destination}, visibility_timeout=10)
+    h.submit(make_event(maxRetries=0))
+    h.queue.receive(1, 0)  # the first delivery "crashed"
+    h.clock.advance(11)
+    h.run_once()
+    assert h.dead_letters()[0]["reason"] == "retries_exhausted"  # with or without the abort
+    messages = [line["message"] for line in h.logs()]
+    if error:
+        assert destination.aborted == []
+        assert "Could not abort uploads left by earlier deliveries" in messages
+    else:
+        assert destination.aborted == [tw.ObjectRef("gcp_gcs", "dest-bucket", "out/data.bin")]
+        assert "Aborted uploads left by earlier deliveries" in messages
+
+
 def test_bucket_outside_the_allowlist_is_forbidden(root: Path):
     h = Harness(root, allowed_buckets="aws_s3:source-bucket")
     put_source(root, "aws_s3", "source-bucket", "in/data.bin", b"data")

@@ -45,7 +45,15 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
@@ -452,6 +460,12 @@ class ObjectStore(Protocol):
     def check(self) -> None:
         """Raise if the store cannot be reached (used by /ready)."""
 
+    def abort_stale_uploads(self, ref: ObjectRef) -> int:
+        """Abort unfinished uploads to ``ref`` that killed workers left behind, where the store
+        keeps them (S3 multipart uploads); returns how many. Stores whose leftovers cannot be
+        found by key (local temp files, GCS resumable sessions) return 0: a start-up sweep or
+        the session's own expiry removes them."""
+
 
 class Publisher(Protocol):
     """Puts one message body on a queue or topic (``submit --to``, dead-letter targets)."""
@@ -626,6 +640,9 @@ class LocalObjectStore:
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise PermanentError(f"{self.root} is not writable", reason="destination_error")
+
+    def abort_stale_uploads(self, ref: ObjectRef) -> int:
+        return 0  # temp files are not named after keys: sweep_temporary() removes them
 
     def sweep_temporary(self, max_age: float) -> int:
         """Delete upload temp files that a killed worker left behind. A live upload writes its
@@ -1421,6 +1438,25 @@ def _translated(translate: Callable[[Exception, str], TransferError | None], sid
     return manager()
 
 
+REQUEST_TRIES = 3  # of one idempotent request (a range read, an abort) within an attempt
+
+
+def _request_retries(tries: int = REQUEST_TRIES) -> tenacity.Retrying:
+    """Retries of one idempotent request, so that one dropped connection does not start a large
+    transfer again from its first byte. A changed source is not retried here: the attempt
+    starts again, from the new version. A read that has not moved a byte yet passes
+    ``tries=1``: failing the attempt costs nothing then, and the attempt's retry is the one
+    that backs off, logs and counts (retry_count)."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(tries),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=2),
+        retry=tenacity.retry_if_exception(
+            lambda e: isinstance(e, RetryableError) and not isinstance(e, SourceChanged)
+        ),
+        reraise=True,
+    )
+
+
 # -- AWS: one translation for S3 and SQS ----------------------------------------------------------
 
 AWS_THROTTLING = frozenset(
@@ -1623,24 +1659,47 @@ class S3Store:
 
     @contextlib.contextmanager
     def open_read(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[Iterator[bytes]]:
+        chunks = self._chunks(ref, info)
         try:
-            with _translated(aws_error, "source"):
-                response = self.client(ref).get_object(
-                    Bucket=ref.bucket, Key=ref.key, IfMatch=info.version
-                )
+            yield chunks
+        finally:
+            chunks.close()
+
+    def _chunks(self, ref: ObjectRef, info: ObjectInfo) -> Generator[bytes, None, None]:
+        """The object from its first byte; a stream that breaks is reopened where it stopped
+        (same ETag), a few times, so one dropped connection does not restart a large transfer."""
+        offset, reopened = 0, 0
+        while True:
+            body = self._get(ref, info, offset)
+            try:
+                with _translated(aws_error, "source"):
+                    for chunk in body.iter_chunks(self.chunk_size):
+                        offset += len(chunk)
+                        yield chunk
+                return
+            except RetryableError as exc:
+                if offset >= info.size and not isinstance(exc, SourceChanged):
+                    return  # every byte arrived; the engine checks length and digest
+                reopened += 1
+                if isinstance(exc, SourceChanged) or reopened >= REQUEST_TRIES:
+                    raise
+            finally:
+                body.close()
+
+    def _get(self, ref: ObjectRef, info: ObjectInfo, offset: int) -> Any:
+        """The body of a GET pinned to the ETag head() saw, from ``offset`` on."""
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            for attempt in _request_retries(REQUEST_TRIES if offset else 1):
+                with attempt, _translated(aws_error, "source"):
+                    response = self.client(ref).get_object(
+                        Bucket=ref.bucket, Key=ref.key, IfMatch=info.version, **extra
+                    )
         except PermanentError as exc:
             if exc.reason == "source_not_found":  # head saw it: it went away since
                 raise SourceChanged(f"{ref.uri} disappeared before it was read") from exc
             raise
-        body = response["Body"]
-        try:
-            yield self._chunks(body)
-        finally:
-            body.close()
-
-    def _chunks(self, body: Any) -> Iterator[bytes]:
-        with _translated(aws_error, "source"):
-            yield from body.iter_chunks(self.chunk_size)
+        return response["Body"]
 
     def open_write(
         self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
@@ -1849,12 +1908,15 @@ class S3Upload:
         if self.upload_id is None or self.finished:
             return
         upload_id, self.upload_id = self.upload_id, None
-        # A failed abort leaves the upload to abort_stale_uploads() of the next attempt and to
-        # the bucket's lifecycle rule; it must not hide the error that caused the abort.
-        with contextlib.suppress(TransferError), _translated(aws_error, "destination"):
-            self.client.abort_multipart_upload(
-                Bucket=self.ref.bucket, Key=self.ref.key, UploadId=upload_id
-            )
+        # The abort is idempotent, and when this was the last attempt nothing else would abort
+        # the upload before the bucket's lifecycle rule: a few tries. It must not hide the error
+        # that caused the abort.
+        with contextlib.suppress(TransferError):
+            for attempt in _request_retries():
+                with attempt, _translated(aws_error, "destination"):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.ref.bucket, Key=self.ref.key, UploadId=upload_id
+                    )
 
     def _stop_executor(self) -> None:
         if self.executor is not None:
@@ -1989,32 +2051,43 @@ class GCSStore:
         blob = self.blob(ref, int(info.version))
         for start in range(0, info.size, self.chunk):
             end = min(start + self.chunk, info.size) - 1
-            try:
-                with _translated(google_error, "source"):
-                    data = blob.download_as_bytes(
-                        start=start,
-                        end=end,
-                        raw_download=True,
-                        checksum=None,
-                        retry=None,
-                        timeout=self.timeout,
-                    )
-            except PermanentError as exc:
-                if exc.reason == "source_not_found":
-                    raise SourceChanged(f"{ref.uri} generation {info.version} is gone") from exc
-                raise
-            if len(data) != end - start + 1:
-                raise SourceChanged(f"{ref.uri} is shorter than {info.size} bytes")
+            for attempt in _request_retries(REQUEST_TRIES if start else 1):
+                with attempt:
+                    data = self._read_range(blob, ref, info, start, end)
             yield data
         # Emulators ignore the generation of a download, so look once more at the end.
         current = self.head(ref)
         if current is None or current.version != info.version:
             raise SourceChanged(f"{ref.uri} changed while it was read")
 
+    def _read_range(
+        self, blob: Any, ref: ObjectRef, info: ObjectInfo, start: int, end: int
+    ) -> bytes:
+        try:
+            with _translated(google_error, "source"):
+                data: bytes = blob.download_as_bytes(
+                    start=start,
+                    end=end,
+                    raw_download=True,
+                    checksum=None,
+                    retry=None,
+                    timeout=self.timeout,
+                )
+        except PermanentError as exc:
+            if exc.reason == "source_not_found":
+                raise SourceChanged(f"{ref.uri} generation {info.version} is gone") from exc
+            raise
+        if len(data) != end - start + 1:
+            raise SourceChanged(f"{ref.uri} is shorter than {info.size} bytes")
+        return data
+
     def open_write(
         self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
     ) -> GCSUpload:
         return GCSUpload(self, ref, size=size, content_type=content_type, metadata=metadata)
+
+    def abort_stale_uploads(self, ref: ObjectRef) -> int:
+        return 0  # a killed worker's resumable session is invisible and expires within a week
 
     def check(self) -> None:
         """Credentials resolve and the endpoint answers: a lookup of a bucket that cannot exist
@@ -3196,6 +3269,7 @@ class Worker:
         budget = 1 + min(event.max_retries, self.config.max_retries)
         remaining = budget - attempts[0]
         if remaining <= 0:
+            self._abort_stale_uploads(event, log)
             raise PermanentError(
                 f"delivered {message.receive_count} times without settling "
                 f"(attempt budget {budget})",
@@ -3227,6 +3301,19 @@ class Worker:
                 f"gave up after {attempts[0]} attempts: {exc} ({exc.reason})",
                 reason="retries_exhausted",
             ) from exc
+
+    def _abort_stale_uploads(self, event: TransferEvent, log: Any) -> None:
+        """Earlier deliveries that never settled were most likely killed mid-upload, and no
+        later attempt will abort what they left open. Best effort: the dead-letter goes ahead
+        either way, and the bucket's lifecycle rule is the safety net."""
+        store = self.engine.stores[event.destination.provider]
+        try:
+            aborted = store.abort_stale_uploads(event.destination)
+        except TransferError as exc:
+            log.warning("Could not abort uploads left by earlier deliveries", error=str(exc))
+            return
+        if aborted:
+            log.info("Aborted uploads left by earlier deliveries", uploads_aborted=aborted)
 
     def _on_retry(self, event: TransferEvent, state: tenacity.RetryCallState, log: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None

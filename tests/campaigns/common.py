@@ -155,6 +155,7 @@ class WorkerProcess:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.name, self.http_port = name, http_port
+        self.terminated = False
         logdir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = logdir / f"{name}.out"
         self.stderr_path = logdir / f"{name}.err"
@@ -194,6 +195,10 @@ class WorkerProcess:
         wait_until(lambda: self.http("/health")[0] == 200, timeout, f"{self.name} /health")
 
     def terminate(self) -> None:
+        """One SIGTERM per process: a second one tells the worker to exit at once (143)."""
+        if self.terminated:
+            return
+        self.terminated = True
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
 
@@ -208,7 +213,7 @@ class WorkerProcess:
             return None
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        """SIGTERM (unless already sent), then SIGKILL after ``timeout``; returns the exit code."""
         if self.alive():
             self.terminate()
             if self.wait(timeout) is None:
