@@ -859,3 +859,42 @@ def test_an_s3_abort_that_fails_is_tried_again(aws_env: str) -> None:
     assert len(deletes) == 4
     uploads = boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert uploads == []
+
+
+@pytest.mark.parametrize("lost", [1, 99], ids=["sdk_retry_succeeds", "create_fails"])
+def test_a_create_whose_answer_is_lost_leaves_no_orphan_upload(aws_env: str, lost: int) -> None:
+    """CreateMultipartUpload whose answer is cut after S3 made the upload: botocore sends it
+    again and S3 makes another. The first would stay open until the lifecycle rule; when every
+    answer is lost, the attempt fails and must not leave any."""
+    import boto3
+
+    import transfer_worker as tw
+    from tests.faultproxy import FaultProxy as CuttingProxy
+
+    bucket, key = unique("s3c"), "out/created-twice.bin"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    creates: list[str] = []
+
+    def first_creates(method: str, path: str) -> bool:
+        if method != "POST" or not path.endswith("?uploads"):
+            return False
+        creates.append(path)
+        return len(creates) <= lost
+
+    data = os.urandom(12 * MiB)
+    with CuttingProxy(aws_env, rates={"truncate": 1.0}, applies=first_creates) as proxy:
+        store = tw.S3Store(clients=tw.AwsClients(pool=4, endpoint_url=proxy.url))
+        ref = tw.ObjectRef("aws_s3", bucket, key)
+        if lost < 2:
+            upload = store.open_write(ref, size=len(data), content_type="x/y", metadata={})
+            upload.write(data)
+            upload.commit({})
+        else:
+            with pytest.raises(tw.RetryableError):
+                store.open_write(ref, size=len(data), content_type="x/y", metadata={})
+    assert proxy.counts["truncate"] == min(lost, len(creates))
+    assert len(creates) >= 2  # botocore sent the create again
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    if lost < 2:
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data

@@ -1713,12 +1713,12 @@ class S3Store:
         with _translated(aws_error, "queue"):
             self.clients.get("sts").get_caller_identity()
 
-    def abort_stale_uploads(self, ref: ObjectRef) -> int:
-        """Abort multipart uploads of exactly this key that a killed worker left behind. A
-        concurrent upload of the same key by another worker is aborted too: it fails with
-        NoSuchUpload, is retried, and finds the object already written (a skip). Without
-        s3:ListBucketMultipartUploads this is skipped; a bucket lifecycle rule
-        (AbortIncompleteMultipartUpload) is the safety net either way."""
+    def abort_stale_uploads(self, ref: ObjectRef, keep: str | None = None) -> int:
+        """Abort multipart uploads of exactly this key (except ``keep``) that a killed worker
+        or a create whose answer was lost left behind. A concurrent upload of the same key by
+        another worker is aborted too: it fails with NoSuchUpload, is retried, and finds the
+        object already written (a skip). Without s3:ListBucketMultipartUploads this is skipped;
+        a bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net either way."""
         client, aborted = self.client(ref), 0
         try:
             with _translated(aws_error, "destination"):
@@ -1727,7 +1727,7 @@ class S3Store:
                 )
                 for page in pages:
                     for upload in page.get("Uploads", []):
-                        if upload["Key"] == ref.key:
+                        if upload["Key"] == ref.key and upload["UploadId"] != keep:
                             client.abort_multipart_upload(
                                 Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
                             )
@@ -1794,17 +1794,29 @@ class S3Upload:
             self._create()
 
     def _create(self) -> None:
-        self.store.abort_stale_uploads(self.ref)
-        with _translated(aws_error, "destination"):
-            response = self.client.create_multipart_upload(
-                Bucket=self.ref.bucket,
-                Key=self.ref.key,
-                ContentType=self.content_type,
-                Metadata=self.metadata,
-                ChecksumAlgorithm="SHA256",
-            )
+        try:
+            with _translated(aws_error, "destination"):
+                response = self.client.create_multipart_upload(
+                    Bucket=self.ref.bucket,
+                    Key=self.ref.key,
+                    ContentType=self.content_type,
+                    Metadata=self.metadata,
+                    ChecksumAlgorithm="SHA256",
+                )
+        except TransferError:
+            self._abort_others(keep=None)  # S3 may have made the upload and lost the answer
+            raise
         self.upload_id = response["UploadId"]
+        # After the create, not before: when an answer is lost, botocore sends the create again
+        # and S3 makes a second upload; the first is found here (the faults campaign left five).
+        self._abort_others(keep=self.upload_id)
         self.executor = ThreadPoolExecutor(self.store.window, thread_name_prefix="s3-part")
+
+    def _abort_others(self, keep: str | None) -> None:
+        """Uploads of this key other than ours: a killed worker's, or a lost create's. Best
+        effort: the next attempt and the bucket's lifecycle rule look again."""
+        with contextlib.suppress(TransferError):
+            self.store.abort_stale_uploads(self.ref, keep=keep)
 
     def write(self, chunk: bytes) -> None:
         self.written += len(chunk)
