@@ -778,6 +778,14 @@ def _nth_object_get(path_part: str, gets: list[str], n: int = 1) -> Callable[[st
     return applies
 
 
+def read_whole(store: Any, ref: Any) -> bytes:
+    """The object as open_read() yields it, pinned to the version head() sees."""
+    info = store.head(ref)
+    assert info is not None
+    with store.open_read(ref, info) as chunks:
+        return b"".join(chunks)
+
+
 def test_an_s3_read_cut_mid_body_resumes_where_it_stopped(aws_env: str) -> None:
     import boto3
 
@@ -792,11 +800,7 @@ def test_an_s3_read_cut_mid_body_resumes_where_it_stopped(aws_env: str) -> None:
     applies = _nth_object_get(f"/{bucket}/{key}", gets)
     with CuttingProxy(aws_env, rates={"reset_mid_body": 1.0}, applies=applies) as proxy:
         store = tw.S3Store(clients=tw.AwsClients(pool=4, endpoint_url=proxy.url))
-        ref = tw.ObjectRef("aws_s3", bucket, key)
-        info = store.head(ref)
-        assert info is not None
-        with store.open_read(ref, info) as chunks:
-            read = b"".join(chunks)
+        read = read_whole(store, tw.ObjectRef("aws_s3", bucket, key))
         assert proxy.counts["reset_mid_body"] == 1
     assert read == data
     assert len(gets) == 2  # the cut GET, then one from where it stopped (Range, same ETag)
@@ -805,11 +809,11 @@ def test_an_s3_read_cut_mid_body_resumes_where_it_stopped(aws_env: str) -> None:
 def test_a_gcs_range_read_cut_mid_body_is_read_again(
     gcs_env: str, gcs_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The second of three ranges is cut: it is read again, the first is not. (A cut first
+    range fails the attempt instead: nothing read yet is lost, and that retry backs off.)"""
     import transfer_worker as tw
     from tests.faultproxy import FaultProxy as CuttingProxy
 
-    """The second of three ranges is cut: it is read again, the first is not. (A cut first
-    range fails the attempt instead: nothing read yet is lost, and that retry backs off.)"""
     bucket, key, data = unique("gcsr"), "in/range.bin", os.urandom(2 * MiB + 77)
     gcs_client.create_bucket(bucket)
     gcs_client.bucket(bucket).blob(key).upload_from_string(data)
@@ -819,12 +823,7 @@ def test_a_gcs_range_read_cut_mid_body_is_read_again(
         gcs_env, rates={"reset_mid_body": 1.0}, applies=applies, dialect="gcs"
     ) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
-        store = tw.GCSStore(part_size=tw.MiB)
-        ref = tw.ObjectRef("gcp_gcs", bucket, key)
-        info = store.head(ref)
-        assert info is not None
-        with store.open_read(ref, info) as chunks:
-            read = b"".join(chunks)
+        read = read_whole(tw.GCSStore(part_size=tw.MiB), tw.ObjectRef("gcp_gcs", bucket, key))
         assert proxy.counts["reset_mid_body"] == 1
     assert read == data
     assert len(gets) == 4  # three ranges, the second of them twice
