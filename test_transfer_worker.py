@@ -866,6 +866,13 @@ def test_heartbeat_extends_visibility_of_in_flight_messages(tmp_path: Path):
     assert calls[:2] == [("m1", 0.03), ("m1", 0.03)]
 
 
+@pytest.mark.parametrize(("visibility", "interval"), [(30, 10), (1800, 200), (7200, 200)])
+def test_heartbeat_beats_before_a_pubsub_lease_of_600_s_lapses(visibility: int, interval: float):
+    """Pub/Sub extends a lease by 600 s at most, whatever the visibility timeout asks."""
+    beat = tw.Heartbeat(None, list, visibility, tw.make_logger())  # type: ignore[arg-type]
+    assert beat.interval == interval
+
+
 # -------------------------------------------------------------------------------------------------
 # 9. HTTP endpoints (the WSGI app, then the real server thread)
 # -------------------------------------------------------------------------------------------------

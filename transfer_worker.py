@@ -2438,6 +2438,9 @@ class SQSPublisher:
 # -- Pub/Sub ---------------------------------------------------------------------------------------
 
 
+PUBSUB_MAX_DEADLINE = 600  # seconds: Pub/Sub accepts ack deadlines of 10 to 600 s
+
+
 class PubSubQueue:
     """A Pub/Sub subscription through streaming pull. The client's flow control holds at most
     ``concurrency`` messages outstanding and its lease management keeps them leased (up to two
@@ -2463,7 +2466,7 @@ class PubSubQueue:
         self.subscription = config.queue
         self.target = dead_letter_target
         self.subscriber = subscriber or pubsub_v1.SubscriberClient()
-        self.lease = max(10, min(600, config.visibility_timeout))  # Pub/Sub allows 10..600 s
+        self.lease = max(10, min(PUBSUB_MAX_DEADLINE, config.visibility_timeout))
         self.flow_control = pubsub_v1.types.FlowControl(
             max_messages=config.concurrency,
             max_bytes=config.concurrency * config.max_message_bytes * 2,
@@ -3029,8 +3032,8 @@ def _labels(event: TransferEvent | None) -> tuple[str, str]:
 
 
 class Heartbeat:
-    """Keeps in-flight messages hidden: every third of the visibility timeout, extends each one.
-    Owns one named thread that waits on its stop event, never on sleep."""
+    """Keeps in-flight messages hidden: every third of the visibility timeout (of 600 s at most),
+    extends each one. Owns one named thread that waits on its stop event, never on sleep."""
 
     def __init__(
         self,
@@ -3041,6 +3044,9 @@ class Heartbeat:
     ) -> None:
         self.queue, self.in_flight, self.log = queue, in_flight, log
         self.visibility_timeout = visibility_timeout
+        # A Pub/Sub extension lasts at most 600 s whatever is asked, so a third of a longer
+        # visibility timeout would let leases lapse between beats.
+        self.interval = min(visibility_timeout, PUBSUB_MAX_DEADLINE) / 3
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -3051,7 +3057,7 @@ class Heartbeat:
         self.stop_event.set()
 
     def _run(self) -> None:
-        while not self.stop_event.wait(self.visibility_timeout / 3):
+        while not self.stop_event.wait(self.interval):
             for message in self.in_flight():
                 try:
                     self.queue.extend(message, self.visibility_timeout)
