@@ -766,14 +766,17 @@ def test_a_body_cut_mid_download_is_retryable_for_both_providers():
 # -- one dropped connection does not restart a transfer -----------------------------------------
 
 
-def _nth_object_get(path_part: str, gets: list[str], n: int = 1) -> Callable[[str, str], bool]:
-    """Fault-proxy predicate: fault only the n-th GET of the object's bytes; record them all."""
+def faulting(
+    method: str, path_part: str, seen: list[str], faulted: Callable[[int], bool]
+) -> Callable[[str, str], bool]:
+    """Fault-proxy predicate: records every ``method`` request whose path contains
+    ``path_part`` in ``seen``, and faults the n-th of them (from 1) when ``faulted(n)``."""
 
-    def applies(method: str, path: str) -> bool:
-        if method != "GET" or path_part not in path:
+    def applies(request_method: str, path: str) -> bool:
+        if request_method != method or path_part not in path:
             return False
-        gets.append(path)
-        return len(gets) == n
+        seen.append(path)
+        return faulted(len(seen))
 
     return applies
 
@@ -797,7 +800,7 @@ def test_an_s3_read_cut_mid_body_resumes_where_it_stopped(aws_env: str) -> None:
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key=key, Body=data)
     gets: list[str] = []
-    applies = _nth_object_get(f"/{bucket}/{key}", gets)
+    applies = faulting("GET", f"/{bucket}/{key}", gets, lambda n: n == 1)
     with CuttingProxy(aws_env, rates={"reset_mid_body": 1.0}, applies=applies) as proxy:
         store = tw.S3Store(clients=tw.AwsClients(pool=4, endpoint_url=proxy.url))
         read = read_whole(store, tw.ObjectRef("aws_s3", bucket, key))
@@ -818,7 +821,7 @@ def test_a_gcs_range_read_cut_mid_body_is_read_again(
     gcs_client.create_bucket(bucket)
     gcs_client.bucket(bucket).blob(key).upload_from_string(data)
     gets: list[str] = []
-    applies = _nth_object_get("alt=media", gets, n=2)
+    applies = faulting("GET", "alt=media", gets, lambda n: n == 2)
     with CuttingProxy(
         gcs_env, rates={"reset_mid_body": 1.0}, applies=applies, dialect="gcs"
     ) as proxy:
@@ -840,13 +843,7 @@ def test_an_s3_abort_that_fails_is_tried_again(aws_env: str) -> None:
     bucket, key = unique("s3a"), "out/aborted.bin"
     boto3.client("s3").create_bucket(Bucket=bucket)
     deletes: list[str] = []
-
-    def first_three_aborts(method: str, path: str) -> bool:
-        if method != "DELETE" or "uploadId=" not in path:
-            return False
-        deletes.append(path)
-        return len(deletes) <= 3
-
+    first_three_aborts = faulting("DELETE", "uploadId=", deletes, lambda n: n <= 3)
     with FailingProxy(aws_env, rates={"error500": 1.0}, applies=first_three_aborts) as proxy:
         store = tw.S3Store(clients=tw.AwsClients(pool=4, endpoint_url=proxy.url))
         upload = store.open_write(
@@ -874,13 +871,7 @@ def test_a_create_whose_answer_is_lost_leaves_no_orphan_upload(aws_env: str, los
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=bucket)
     creates: list[str] = []
-
-    def first_creates(method: str, path: str) -> bool:
-        if method != "POST" or not path.endswith("?uploads"):
-            return False
-        creates.append(path)
-        return len(creates) <= lost
-
+    first_creates = faulting("POST", "?uploads", creates, lambda n: n <= lost)
     data = os.urandom(12 * MiB)
     with CuttingProxy(aws_env, rates={"truncate": 1.0}, applies=first_creates) as proxy:
         store = tw.S3Store(clients=tw.AwsClients(pool=4, endpoint_url=proxy.url))

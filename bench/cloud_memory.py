@@ -11,11 +11,9 @@ moto keeps objects in spooled temporary files and fake-gcs-server (memory backen
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
 
-from common import WORKER, event, machine, median
+from common import WORKER, event, machine, median, submit
 from servers import Servers, put_random_s3_object, timed_usage
 
 SOURCE_BUCKET, S3_DEST, GCS_DEST, KEY = "bench-source", "bench-dest-s3", "bench-dest-gcs", "big.bin"
@@ -48,16 +46,8 @@ def main() -> None:
             pairs = [(p, b) for p, b in (("gcp_gcs", GCS_DEST), ("aws_s3", S3_DEST)) if p in wanted]
             for provider, bucket in pairs:
                 dest = f"copy-{run}.bin"
-                body = json.dumps(
-                    event(("aws_s3", SOURCE_BUCKET, KEY), (provider, bucket, dest), checksum)
-                )
-                subprocess.run(
-                    [*WORKER, "submit", "-", "--to", queue],
-                    input=body.encode(),
-                    env=env,
-                    check=True,
-                    capture_output=True,
-                )
+                body = event(("aws_s3", SOURCE_BUCKET, KEY), (provider, bucket, dest), checksum)
+                submit([body], env, "--to", queue)
                 wall, peak, cpu = timed_usage(argv, env=env, timeout=1800)
                 for name, rss in servers.rss().items():
                     server_rss[name] = max(server_rss.get(name, 0), rss)

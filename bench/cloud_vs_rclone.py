@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from common import WORKER, event, machine, median
-from servers import Servers, put_random_s3_object, timed_usage
+from common import WORKER, event, machine, median, submit
+from servers import Servers, put_random_s3_object, stop_process, timed_usage
 
 SOURCE_BUCKET, DEST_BUCKET, KEY = "bench-source", "bench-dest", "big.bin"
 
@@ -75,62 +75,63 @@ def main() -> None:
             commands = {}
             # Its own queue: the cold workers must not find its events, nor it theirs.
             own = sqs.create_queue(QueueName="bench-resident")["QueueUrl"]
-            resident = Resident(
+            with Resident(
                 [*WORKER, "run", "--queue", own, "--dead-letter", dead], info_env, base
-            )
-            for run in range(args.runs):
-                order = contenders if run % 2 == 0 else contenders[::-1]
-                for who in order:
-                    dest = f"{who}-{run}.bin"
-                    if who == "rclone":
-                        argv = [
-                            rclone,
-                            "copyto",
-                            f"s3:{SOURCE_BUCKET}/{KEY}",
-                            f"gcs:{DEST_BUCKET}/{dest}",
-                        ]
-                        wall, peak, cpu = timed_usage(argv, env=rclone_env)
-                    else:
-                        body = json.dumps(
-                            event(
-                                ("aws_s3", SOURCE_BUCKET, KEY),
-                                ("gcp_gcs", DEST_BUCKET, dest),
-                                checksum,
+            ) as resident:
+                for run in range(args.runs):
+                    order = contenders if run % 2 == 0 else contenders[::-1]
+                    for who in order:
+                        dest = f"{who}-{run}.bin"
+                        if who == "rclone":
+                            argv = [
+                                rclone,
+                                "copyto",
+                                f"s3:{SOURCE_BUCKET}/{KEY}",
+                                f"gcs:{DEST_BUCKET}/{dest}",
+                            ]
+                            wall, peak, cpu = timed_usage(argv, env=rclone_env)
+                        else:
+                            submit(
+                                [
+                                    event(
+                                        ("aws_s3", SOURCE_BUCKET, KEY),
+                                        ("gcp_gcs", DEST_BUCKET, dest),
+                                        checksum,
+                                    )
+                                ],
+                                env,
+                                "--to",
+                                queue,
                             )
+                            part = int(who.split("-")[1].removesuffix("MiB")) * 1024 * 1024
+                            argv = [*run_argv, "--part-size", str(part)]
+                            log = base / f"{who}-{run}.log"
+                            wall, peak, cpu = timed_usage(argv, env=info_env, stdout_path=log)
+                            logged[who].append(logged_duration(log))
+                        commands[who] = argv
+                        verify(servers, dest, checksum, size, f"{who} run {run}")
+                        walls[who].append(wall)
+                        cpus[who].append(cpu)
+                        rss[who].append(peak)
+                    # The resident worker on the same object, after the cold ones of this run.
+                    dest = f"resident-{run}.bin"
+                    body = json.dumps(
+                        event(
+                            ("aws_s3", SOURCE_BUCKET, KEY), ("gcp_gcs", DEST_BUCKET, dest), checksum
                         )
-                        subprocess.run(
-                            [*WORKER, "submit", "-", "--to", queue],
-                            input=body.encode(),
-                            env=env,
-                            check=True,
-                            capture_output=True,
-                        )
-                        part = int(who.split("-")[1].removesuffix("MiB")) * 1024 * 1024
-                        argv = [*run_argv, "--part-size", str(part)]
-                        log = base / f"{who}-{run}.log"
-                        wall, peak, cpu = timed_usage(argv, env=info_env, stdout_path=log)
-                        logged[who].append(logged_duration(log))
-                    commands[who] = argv
-                    verify(servers, dest, checksum, size, f"{who} run {run}")
-                    walls[who].append(wall)
-                    cpus[who].append(cpu)
-                    rss[who].append(peak)
-                # The resident worker on the same object, after the cold ones of this run.
-                dest = f"resident-{run}.bin"
-                body = json.dumps(
-                    event(("aws_s3", SOURCE_BUCKET, KEY), ("gcp_gcs", DEST_BUCKET, dest), checksum)
+                    )
+                    walls["resident"].append(resident.transfer(sqs, own, body, dest))
+                    verify(servers, dest, checksum, size, "resident")
+                    # The worker's fixed cost: start, import the SDKs, build clients, find the queue empty.
+                    wall, _, cpu = timed_usage(run_argv, env=env)
+                    walls["startup"].append(wall)
+                    cpus["startup"].append(cpu)
+                left = sqs.get_queue_attributes(
+                    QueueUrl=dead, AttributeNames=["ApproximateNumberOfMessages"]
                 )
-                walls["resident"].append(resident.transfer(sqs, own, body, dest))
-                verify(servers, dest, checksum, size, "resident")
-                # The worker's fixed cost: start, import the SDKs, build clients, find the queue empty.
-                wall, _, cpu = timed_usage(run_argv, env=env)
-                walls["startup"].append(wall)
-                cpus["startup"].append(cpu)
-            left = sqs.get_queue_attributes(
-                QueueUrl=dead, AttributeNames=["ApproximateNumberOfMessages"]
-            )
-            assert left["Attributes"]["ApproximateNumberOfMessages"] == "0", "dead-lettered events"
-            resident.stop()
+                assert left["Attributes"]["ApproximateNumberOfMessages"] == "0", (
+                    "dead-lettered events"
+                )
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"machine: {machine()}")
@@ -220,9 +221,11 @@ class Resident:
             time.sleep(0.005)
         raise SystemExit("resident worker: timed out")
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+    def __enter__(self) -> Resident:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_process(self.proc)
         self.out.close()
 
 

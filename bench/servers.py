@@ -78,7 +78,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is not None:
         return
     process.terminate()
@@ -152,7 +152,7 @@ class Servers(contextlib.AbstractContextManager["Servers"]):
 
     def __exit__(self, *exc: object) -> None:
         for process in reversed(self.processes):
-            _stop(process)
+            stop_process(process)
         self.processes.clear()
         for log in self.logs:
             log.unlink(missing_ok=True)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shlex
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import WORKER, event, machine, median
+from common import WORKER, event, machine, median, submit
 from servers import Servers, finish_measured, start_measured
 
 SOURCE_BUCKET = "bench-source"
@@ -94,23 +92,15 @@ def main() -> None:
             for provider in destinations:
                 for count in counts:
                     prefix = f"run{run}-{count}w"
-                    lines = "\n".join(
-                        json.dumps(
-                            event(
-                                ("aws_s3", SOURCE_BUCKET, key),
-                                (provider, DEST[provider], f"{prefix}/{key}"),
-                                digests[key],
-                            )
+                    events = [
+                        event(
+                            ("aws_s3", SOURCE_BUCKET, key),
+                            (provider, DEST[provider], f"{prefix}/{key}"),
+                            digests[key],
                         )
                         for key in blobs
-                    )
-                    subprocess.run(
-                        [*WORKER, "submit", "-", "--to", queue],
-                        input=lines.encode(),
-                        env=env,
-                        check=True,
-                        capture_output=True,
-                    )
+                    ]
+                    submit(events, env, "--to", queue)
                     start = time.perf_counter()
                     launchers = [start_measured(argv, env, timeout=900) for _ in range(count)]
                     for launcher in launchers:
