@@ -1275,6 +1275,39 @@ def test_cli_kill_9_mid_transfer_then_restart_completes(cli: Cli, root: Path):
     assert tw.LocalQueue(root / "queue.db").depth() == 0
 
 
+def _open_local_root(root: Path, barrier: Any, errors: Any) -> None:
+    barrier.wait()
+    try:
+        tw.LocalMetadata(root)
+        tw.LocalQueue(root / "queue.db").close()
+        errors.put(None)
+    except Exception as error:  # reported to the parent, which asserts on it
+        errors.put(repr(error))
+
+
+def test_workers_started_at_once_on_a_fresh_root_all_open_it(tmp_path: Path):
+    """Two workers started together on a new root both switched its SQLite files to WAL; one of
+    them could get "database is locked" at once, with no busy wait, and exit 1 (CI, 2026-11-29).
+    Six processes race on a fresh root, twenty times: the old code failed about one round in
+    three."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for round_ in range(20):
+        barrier, errors = context.Barrier(6), context.Queue()
+        processes = [
+            context.Process(target=_open_local_root, args=(tmp_path / str(round_), barrier, errors))
+            for _ in range(6)
+        ]
+        for process in processes:
+            process.start()
+        failures += [e for e in (errors.get(timeout=60) for _ in processes) if e]
+        for process in processes:
+            process.join(timeout=60)
+    assert failures == []
+
+
 def test_cli_two_workers_share_one_queue(cli: Cli, root: Path):
     events = []
     for i in range(120):
@@ -1289,8 +1322,9 @@ def test_cli_two_workers_share_one_queue(cli: Cli, root: Path):
         )
     cli.submit(*events)
     workers = [cli.start("run", "--once", "--concurrency", "4") for _ in range(2)]
-    outputs = [w.communicate(timeout=120)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0]
+    results = [w.communicate(timeout=120) for w in workers]
+    outputs = [out for out, _ in results]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in results]
     done = [
         x["event_id"] for out in outputs for x in log_lines(out) if x.get("outcome") == "success"
     ]

@@ -515,6 +515,26 @@ PUBLISHERS: dict[str, Callable[[str, Config, CloudClients], Publisher]] = {}
 # =================================================================================================
 
 
+def open_sqlite(path: Path) -> sqlite3.Connection:
+    """A connection in WAL mode, shared by the threads of one process. Switching a new file to
+    WAL takes an exclusive lock for which SQLite does not wait on its busy timeout: two workers
+    started at the same moment on a fresh root saw "database is locked" here and exited 1. So
+    the switch is retried for as long as the busy timeout would have waited."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    for attempt in tenacity.Retrying(
+        stop=tenacity.stop_after_delay(30),
+        wait=tenacity.wait_random(0.01, 0.1),
+        retry=tenacity.retry_if_exception(
+            lambda e: isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
+        ),
+        reraise=True,
+    ):
+        with attempt:
+            db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+    return db
+
+
 class LocalMetadata:
     """Object metadata of local mode in ``<root>/metadata.db``, outside the object trees. Each
     record carries the stat of the file it describes, so a file replaced by hand is never
@@ -522,12 +542,8 @@ class LocalMetadata:
 
     def __init__(self, root: str | Path) -> None:
         Path(root).mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            Path(root) / "metadata.db", timeout=30, isolation_level=None, check_same_thread=False
-        )
+        self._db = open_sqlite(Path(root) / "metadata.db")
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS objects (provider TEXT, bucket TEXT, key TEXT, "
             "stat TEXT NOT NULL, metadata TEXT NOT NULL, PRIMARY KEY (provider, bucket, key))"
@@ -798,11 +814,7 @@ class LocalQueue:
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path, timeout=30, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+        self._db = open_sqlite(self.path)
         self._db.executescript(self.SCHEMA)
 
     def _write(self, sql: str, args: Sequence[Any]) -> list[Any]:
