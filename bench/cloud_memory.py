@@ -2,7 +2,10 @@
 settings), from os.wait4 through a small launcher (see servers.start_measured). Target: at most
 128 MiB. Every copy is downloaded and its SHA-256 compared with the source's.
 
-    .venv/bin/python bench/cloud_memory.py [--size-mib 1024] [--runs 3]
+    .venv/bin/python bench/cloud_memory.py [--size-mib 1024] [--runs 3] [--events 1]
+
+--events N puts N events of that size on the queue at once: with the default concurrency (8) the
+worker moves up to eight together, which is the peak a pod's memory limit has to hold.
 
 moto keeps objects in spooled temporary files and fake-gcs-server (memory backend) in RAM: about
 2-3 GiB of server memory at 1 GiB; the servers' RSS is printed too.
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--destinations", default="gcp_gcs,aws_s3", help="comma list of providers")
+    parser.add_argument("--events", type=int, default=1, help="events on the queue at once")
     args = parser.parse_args()
     size = args.size_mib * 1024 * 1024
     results: dict[str, dict[str, list[float]]] = {
@@ -45,23 +49,25 @@ def main() -> None:
             wanted = args.destinations.split(",")
             pairs = [(p, b) for p, b in (("gcp_gcs", GCS_DEST), ("aws_s3", S3_DEST)) if p in wanted]
             for provider, bucket in pairs:
-                dest = f"copy-{run}.bin"
-                body = event(("aws_s3", SOURCE_BUCKET, KEY), (provider, bucket, dest), checksum)
-                submit([body], env, "--to", queue)
+                dests = [f"copy-{run}-{i}.bin" for i in range(args.events)]
+                source = ("aws_s3", SOURCE_BUCKET, KEY)
+                bodies = [event(source, (provider, bucket, dest), checksum) for dest in dests]
+                submit(bodies, env, "--to", queue)
                 wall, peak, cpu = timed_usage(argv, env=env, timeout=1800)
                 for name, rss in servers.rss().items():
                     server_rss[name] = max(server_rss.get(name, 0), rss)
-                if provider == "gcp_gcs":
-                    digest, length = servers.gcs_sha256(bucket, dest)
-                    servers.gcs_delete(bucket, dest)
-                else:
-                    digest, length = servers.s3_sha256(bucket, dest)
-                    s3.delete_object(Bucket=bucket, Key=dest)
-                if (digest, length) != (checksum, size):
-                    raise SystemExit(
-                        f"{provider} run {run}: destination {length} bytes {digest}, "
-                        f"source {size} bytes {checksum}"
-                    )
+                for dest in dests:
+                    if provider == "gcp_gcs":
+                        digest, length = servers.gcs_sha256(bucket, dest)
+                        servers.gcs_delete(bucket, dest)
+                    else:
+                        digest, length = servers.s3_sha256(bucket, dest)
+                        s3.delete_object(Bucket=bucket, Key=dest)
+                    if (digest, length) != (checksum, size):
+                        raise SystemExit(
+                            f"{provider} run {run} {dest}: destination {length} bytes {digest}, "
+                            f"source {size} bytes {checksum}"
+                        )
                 uploads = s3.list_multipart_uploads(Bucket=S3_DEST).get("Uploads", [])
                 assert not uploads, f"multipart uploads left behind: {uploads}"
                 results[provider]["wall"].append(wall)
@@ -69,7 +75,8 @@ def main() -> None:
                 results[provider]["cpu"].append(cpu)
     print(f"machine: {machine()}")
     print(
-        f"object: {args.size_mib} MiB from S3, runs: {args.runs}, default settings, "
+        f"object: {args.size_mib} MiB from S3, {args.events} event(s) on the queue at once, "
+        f"runs: {args.runs}, default settings, "
         "every copy SHA-256 verified"
     )
     print(f"command: TRANSFER_WORKER_STORAGE=cloud {shlex.join(argv)}")
