@@ -1336,6 +1336,50 @@ def test_cli_two_workers_share_one_queue(cli: Cli, root: Path):
         ).read_bytes() == f"object {i}".encode() * 50
 
 
+# Four threads each free 8 MiB buffers with a small object allocated after each, as transfer
+# threads do; prints how many bytes the process still holds once every buffer is freed.
+HELD_AFTER_FREE = """
+import os, sys, threading
+import transfer_worker
+if sys.argv[1] == "tuned":
+    transfer_worker.return_large_buffers_to_the_os()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+alive = []
+def transfer():
+    for _ in range(4):
+        buffer = b"x" * (8 << 20)
+        alive.append(bytearray(1000))
+        del buffer
+before = rss()
+threads = [threading.Thread(target=transfer) for _ in range(4)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tunes glibc's malloc")
+@pytest.mark.parametrize(
+    ("mode", "environment", "returned"),
+    [
+        ("tuned", {}, True),
+        ("untuned", {}, False),  # the control: glibc alone keeps freed buffers
+        ("tuned", {"MALLOC_MMAP_THRESHOLD_": str(64 << 20)}, False),  # the operator's choice wins
+    ],
+)
+def test_freed_transfer_buffers_go_back_to_the_os(
+    mode: str, environment: dict[str, str], returned: bool
+):
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env.update(PYTHONPATH=str(HERE), **environment)
+    result = subprocess.run(
+        [PYTHON, "-c", HELD_AFTER_FREE, mode], env=env, capture_output=True, timeout=60, check=True
+    )
+    held_mib = int(result.stdout) / 2**20
+    assert (held_mib < 4) is returned, f"{held_mib:.1f} MiB still held"
+
+
 def test_cli_local_mode_needs_no_configuration(tmp_path: Path):
     """`python transfer_worker.py --once` in an empty directory creates ./storage_simulator."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFER_WORKER_")}
