@@ -2806,6 +2806,10 @@ class TransferEngine:
             raise
         return TransferResult("success", bytes_transferred=src_info.size, sha256=sha256)
 
+    def abort_stale_uploads(self, event: TransferEvent) -> int:
+        """Uploads to the event's destination that no attempt will finish (the store's port)."""
+        return self.stores[event.destination.provider].abort_stale_uploads(event.destination)
+
     def _same_content(self, dst: ObjectInfo | None, sha256: str) -> bool:
         """Policy ``different`` learns the source's digest only after reading it when neither the
         event nor the source states it; identical bytes are then not written again."""
@@ -3349,9 +3353,8 @@ class Worker:
         """Earlier deliveries that never settled were most likely killed mid-upload, and no
         later attempt will abort what they left open. Best effort: the dead-letter goes ahead
         either way, and the bucket's lifecycle rule is the safety net."""
-        store = self.engine.stores[event.destination.provider]
         try:
-            aborted = store.abort_stale_uploads(event.destination)
+            aborted = self.engine.abort_stale_uploads(event)
         except TransferError as exc:
             log.warning("Could not abort uploads left by earlier deliveries", error=str(exc))
             return
