@@ -832,6 +832,49 @@ def test_a_gcs_range_read_cut_mid_body_is_read_again(
     assert len(gets) == 4  # three ranges, the second of them twice
 
 
+@pytest.mark.parametrize(
+    ("source", "cut", "args"),
+    [
+        ("aws_s3", 1, ()),  # the stream is reopened where it stopped
+        ("gcp_gcs", 2, ("--part-size", str(5 * MiB))),  # the second range is read again
+    ],
+)
+def test_a_read_retried_within_the_attempt_is_logged_with_its_event(
+    cloud_env: dict[str, str], buckets: Buckets, source: str, cut: int, args: tuple[str, ...]
+) -> None:
+    """The attempt goes on, so the attempt's own retry line never appears; the operator still
+    sees the dropped connection, on the event's log."""
+    from tests.faultproxy import FaultProxy as CuttingProxy
+
+    destination = "gcp_gcs" if source == "aws_s3" else "aws_s3"
+    upstream = cloud_env["AWS_ENDPOINT_URL" if source == "aws_s3" else "STORAGE_EMULATOR_HOST"]
+    data = os.urandom(5 * MiB + 77)
+    buckets.put(source, "cut.bin", data)
+    event = make_event(buckets, source, destination, "cut.bin")
+    channel = SQSChannel(cloud_env)
+    channel.send(encode(event))
+    gets: list[str] = []
+    path = f"/{buckets.names[source]}/cut.bin" if source == "aws_s3" else "alt=media"
+    applies = faulting("GET", path, gets, lambda n: n == cut)
+    dialect = "s3" if source == "aws_s3" else "gcs"
+    with CuttingProxy(
+        upstream, rates={"reset_mid_body": 1.0}, applies=applies, dialect=dialect
+    ) as proxy:
+        worker = run_once(via_proxy(cloud_env, source, proxy), channel, *args)  # type: ignore[arg-type]
+        assert proxy.counts["reset_mid_body"] == 1
+    assert worker.outcomes("success"), worker.log_text()
+    retried = [
+        line
+        for line in worker.lines
+        if line.get("message") == "Request failed; retrying it within the attempt"
+    ]
+    assert [(line["event_id"], line["reason"]) for line in retried] == [
+        (event["eventId"], "network")
+    ], worker.log_text()
+    assert not [line for line in worker.lines if "Transfer attempt failed" in line["message"]]
+    assert_copied(buckets, event, data)
+
+
 def test_an_s3_abort_that_fails_is_tried_again(aws_env: str) -> None:
     """When the last attempt fails, nothing else would abort its upload before the bucket's
     lifecycle rule: the abort itself is retried (botocore tries twice, the worker three times)."""

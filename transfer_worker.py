@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import datetime as dt
@@ -1453,19 +1454,47 @@ def _translated(translate: Callable[[Exception, str], TransferError | None], sid
 
 REQUEST_TRIES = 3  # of one idempotent request (a range read, an abort) within an attempt
 
+# The log of the attempt running in this thread, bound to its event: the worker sets it around
+# each attempt, so a request retried deep inside a store is reported without the stores
+# carrying a logger.
+ATTEMPT_LOG: contextvars.ContextVar[Any] = contextvars.ContextVar("attempt_log", default=None)
+
+
+def report_request_retry(error: BaseException | None, tries: int, **fields: Any) -> None:
+    """Logs a request that failed and is tried again within the attempt: the attempt goes on,
+    so its own retry (the "Transfer attempt failed" line, retry_count) never sees it."""
+    log = ATTEMPT_LOG.get()
+    if log is not None:
+        log.warning(
+            "Request failed; retrying it within the attempt",
+            request_attempt=tries,
+            reason=getattr(error, "reason", "transient"),
+            error=str(error),
+            **fields,
+        )
+
+
+def _log_request_retry(state: tenacity.RetryCallState) -> None:
+    report_request_retry(
+        state.outcome.exception() if state.outcome else None,
+        state.attempt_number,
+        retry_in_seconds=round(state.upcoming_sleep, 3),
+    )
+
 
 def _request_retries(tries: int = REQUEST_TRIES) -> tenacity.Retrying:
     """Retries of one idempotent request, so that one dropped connection does not start a large
     transfer again from its first byte. A changed source is not retried here: the attempt
     starts again, from the new version. A read that has not moved a byte yet passes
     ``tries=1``: failing the attempt costs nothing then, and the attempt's retry is the one
-    that backs off, logs and counts (retry_count)."""
+    that backs off, logs and counts (retry_count). A retry here is logged, not counted."""
     return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(tries),
         wait=tenacity.wait_exponential(multiplier=0.2, max=2),
         retry=tenacity.retry_if_exception(
             lambda e: isinstance(e, RetryableError) and not isinstance(e, SourceChanged)
         ),
+        before_sleep=_log_request_retry,
         reraise=True,
     )
 
@@ -1696,6 +1725,7 @@ class S3Store:
                 reopened += 1
                 if isinstance(exc, SourceChanged) or reopened >= REQUEST_TRIES:
                     raise
+                report_request_retry(exc, reopened, resume_at_byte=offset)
             finally:
                 body.close()
 
@@ -3325,9 +3355,13 @@ class Worker:
 
         def attempt() -> TransferResult:
             attempts[0] += 1
-            return self.engine.transfer(
-                event, on_progress=lambda _: self._stop_if_handed_back(message)
-            )
+            token = ATTEMPT_LOG.set(log)
+            try:
+                return self.engine.transfer(
+                    event, on_progress=lambda _: self._stop_if_handed_back(message)
+                )
+            finally:
+                ATTEMPT_LOG.reset(token)
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(remaining),
