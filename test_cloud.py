@@ -422,6 +422,11 @@ def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
         proxy.close()
 
 
+def endpoint_of(env: dict[str, str], provider: str) -> str:
+    """The server a provider's store talks to; ``via_proxy`` puts a proxy in front of it."""
+    return env["AWS_ENDPOINT_URL" if provider == "aws_s3" else "STORAGE_EMULATOR_HOST"]
+
+
 def via_proxy(env: dict[str, str], provider: str, proxy: FaultProxy) -> dict[str, str]:
     """The worker's environment with one store behind ``proxy`` (queues stay direct)."""
     if provider == "aws_s3":
@@ -530,7 +535,7 @@ def test_throttling_between_worker_and_store_is_retried(
     status: int,
 ) -> None:
     other = "gcp_gcs" if throttled == "aws_s3" else "aws_s3"
-    upstream = cloud_env["AWS_ENDPOINT_URL" if throttled == "aws_s3" else "STORAGE_EMULATOR_HOST"]
+    upstream = endpoint_of(cloud_env, throttled)
     proxy = fault_proxy(upstream, status=status, failures=3)
     proxy.match = lambda method, path: method != "HEAD"  # a HEAD answer has no error code to read
     data = os.urandom(3 * MiB)
@@ -582,7 +587,7 @@ def test_a_worker_killed_mid_transfer_is_redelivered_and_leaves_no_upload(
     fault_proxy: Callable[..., FaultProxy],
 ) -> None:
     src, dst = direction
-    upstream = cloud_env["AWS_ENDPOINT_URL" if dst == "aws_s3" else "STORAGE_EMULATOR_HOST"]
+    upstream = endpoint_of(cloud_env, dst)
     proxy = fault_proxy(upstream)
     proxy.match, proxy.delay = is_upload(dst), 30.0  # parts hang: the kill lands mid-transfer
     data = os.urandom(LARGE)
@@ -847,7 +852,7 @@ def test_a_read_retried_within_the_attempt_is_logged_with_its_event(
     from tests.faultproxy import FaultProxy as CuttingProxy
 
     destination = "gcp_gcs" if source == "aws_s3" else "aws_s3"
-    upstream = cloud_env["AWS_ENDPOINT_URL" if source == "aws_s3" else "STORAGE_EMULATOR_HOST"]
+    upstream = endpoint_of(cloud_env, source)
     data = os.urandom(5 * MiB + 77)
     buckets.put(source, "cut.bin", data)
     event = make_event(buckets, source, destination, "cut.bin")
