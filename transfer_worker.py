@@ -219,6 +219,15 @@ class SourceChanged(RetryableError):
     default_reason = "source_changed"
 
 
+class CommitRefused(TransferError):
+    """The destination refused a conditional commit (HTTP 412): it is no longer in the state the
+    plan saw (another event or delivery committed first, or the object was removed). Not a failed
+    attempt: the engine re-plans against the new state, which skips or tries again; it never
+    backs off, counts against the retry budget or reaches the dead-letter queue."""
+
+    default_reason = "commit_refused"
+
+
 class ShutdownRequested(Exception):
     """Raised out of a retry backoff when the worker drains: the message goes back unsettled."""
 
@@ -1429,6 +1438,16 @@ THROTTLED, UNAVAILABLE, NETWORK, TIMEOUT, CREDENTIALS = (
 )
 
 
+def _precondition_failed(text: str, side: str) -> TransferError:
+    """A 412: on a source read the object moved on; on a destination write the conditional
+    commit was refused (CommitRefused: re-plan); elsewhere a conflict worth another attempt."""
+    if side == "source":
+        return SourceChanged(text)
+    if side == "destination":
+        return CommitRefused(text)
+    return RetryableError(text, reason="conflict")
+
+
 def _permanent_reason(side: str) -> str:
     return {"source": "source_error", "destination": "destination_error"}.get(side, "queue_error")
 
@@ -1567,7 +1586,7 @@ def _aws_client_error(exc: Any, side: str) -> TransferError:
     if status >= 500 or code in AWS_TRANSIENT:
         return RetryableError(text, reason=UNAVAILABLE)
     if status == 412 or code == "PreconditionFailed":
-        return SourceChanged(text) if side == "source" else RetryableError(text, reason="conflict")
+        return _precondition_failed(text, side)
     if status == 403 or code in AWS_DENIED:
         return PermanentError(text, reason="access_denied")
     if (status == 404 or code in AWS_NOT_FOUND) and side == "source":
@@ -2033,7 +2052,7 @@ def _google_call_error(exc: Any, side: str, text: str) -> TransferError:
     if exc.code == 408:
         return RetryableError(text, reason=TIMEOUT)
     if isinstance(exc, (gexc.PreconditionFailed, gexc.RequestRangeNotSatisfiable)):
-        return SourceChanged(text) if side == "source" else RetryableError(text, reason="conflict")
+        return _precondition_failed(text, side)
     if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
         return PermanentError(text, reason="access_denied")
     not_found = isinstance(exc, gexc.NotFound) and side == "source"
