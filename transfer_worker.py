@@ -443,7 +443,9 @@ class Upload(Protocol):
     def write(self, chunk: bytes) -> None: ...
 
     def commit(self, metadata: Mapping[str, str]) -> None:
-        """Make the object visible. ``metadata`` is final (it now includes the verified sha256)."""
+        """Make the object visible, only if the destination is still as the plan saw it (the
+        ``replaces`` of open_write); otherwise raise CommitRefused and leave it untouched.
+        ``metadata`` is final (it now includes the verified sha256)."""
 
     def abort(self) -> None:
         """Discard everything written; safe to call twice and after a failed commit."""
@@ -465,8 +467,18 @@ class ObjectStore(Protocol):
         """Chunks of the object, pinned to ``info.version``; raises SourceChanged if it moved on."""
 
     def open_write(
-        self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
-    ) -> Upload: ...
+        self,
+        ref: ObjectRef,
+        *,
+        size: int,
+        content_type: str,
+        metadata: Mapping[str, str],
+        replaces: str | None = None,
+    ) -> Upload:
+        """An upload whose commit is conditional: ``replaces`` is the version (ETag, generation,
+        file stat) the commit may replace, None when the key must not exist. The storage
+        service enforces it (S3 If-Match / If-None-Match, GCS ifGenerationMatch, a no-replace
+        link), so a check followed by a write can never race."""
 
     def check(self) -> None:
         """Raise if the store cannot be reached (used by /ready)."""
@@ -570,10 +582,27 @@ class LocalMetadata:
 
     def put(self, ref: ObjectRef, version: str, metadata: Mapping[str, str]) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?)",
-                (ref.provider, ref.bucket, ref.key, version, json.dumps(metadata)),
-            )
+            self._put(ref, version, metadata)
+
+    def _put(self, ref: ObjectRef, version: str, metadata: Mapping[str, str]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?)",
+            (ref.provider, ref.bucket, ref.key, version, json.dumps(metadata)),
+        )
+
+    @contextlib.contextmanager
+    def committing(self, ref: ObjectRef) -> Iterator[Callable[[str, Mapping[str, str]], None]]:
+        """The commit lock of every local store on this root, across processes: SQLite's write
+        lock (BEGIN IMMEDIATE) is held while a commit compares the destination with what its plan
+        saw, renames its file into place and records the metadata. Yields the metadata writer."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield functools.partial(self._put, ref)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
 
 class LocalObjectStore:
@@ -646,7 +675,13 @@ class LocalObjectStore:
             raise SourceChanged(f"{ref.uri} changed while it was read")
 
     def open_write(
-        self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
+        self,
+        ref: ObjectRef,
+        *,
+        size: int,
+        content_type: str,
+        metadata: Mapping[str, str],
+        replaces: str | None = None,
     ) -> LocalUpload:
         path = self._path(ref)
         temp = self.tmp_dir / f"upload-{uuid.uuid4().hex}"
@@ -661,7 +696,9 @@ class LocalObjectStore:
             raise PermanentError(
                 f"cannot write {ref.uri}: {exc}", reason="destination_error"
             ) from exc
-        return LocalUpload(self, ref, path=path, temp=temp, fd=fd, content_type=content_type)
+        return LocalUpload(
+            self, ref, path=path, temp=temp, fd=fd, content_type=content_type, replaces=replaces
+        )
 
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -718,7 +755,9 @@ def _stat_version(st: os.stat_result) -> str:
 
 
 class LocalUpload:
-    """A temp file that becomes the object by rename at commit, then gets its metadata record."""
+    """A temp file that becomes the object at commit, conditionally: a link that cannot replace
+    anything when the key must be absent, a rename only if the file is still the version the plan
+    saw. Both under the root's commit lock, with the metadata record."""
 
     def __init__(
         self,
@@ -729,9 +768,10 @@ class LocalUpload:
         temp: Path,
         fd: int,
         content_type: str,
+        replaces: str | None = None,
     ) -> None:
         self.store, self.ref, self.path, self.temp, self.fd = store, ref, path, temp, fd
-        self.content_type = content_type
+        self.content_type, self.replaces = content_type, replaces
 
     def write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -745,23 +785,43 @@ class LocalUpload:
             os.close(self.fd)
             self.fd = -1
             self.store._path(self.ref)  # re-check: a symlink may have appeared since open_write
-            self._rename()
-            _fsync_dir(os.path.dirname(self.path))  # the rename must reach the disk before the ack
-            self.store.metadata.put(
-                self.ref, version, {**metadata, "content-type": self.content_type}
-            )
+            with self.store.metadata.committing(self.ref) as record:
+                self._put_in_place()
+                # The rename must reach the disk before the ack.
+                _fsync_dir(os.path.dirname(self.path))
+                record(version, {**metadata, "content-type": self.content_type})
         except OSError as exc:
             self.abort()
             raise PermanentError(
                 f"cannot write {self.ref.uri}: {exc}", reason="destination_error"
             ) from exc
 
-    def _rename(self) -> None:
+    def _put_in_place(self) -> None:
+        """Raises CommitRefused when the destination is not what the plan saw."""
+        if self.replaces is None:
+            self._in_new_directory(self._link)
+            os.unlink(self.temp)
+            return
         try:
-            os.replace(self.temp, self.path)
+            current = _stat_version(os.lstat(self.path))
+        except (FileNotFoundError, NotADirectoryError):
+            current = None
+        if current != self.replaces:
+            raise CommitRefused(f"{self.ref.uri} changed since it was planned ({current})")
+        os.replace(self.temp, self.path)
+
+    def _link(self) -> None:
+        try:
+            os.link(self.temp, self.path)  # never replaces: EEXIST if the key appeared
+        except FileExistsError:
+            raise CommitRefused(f"{self.ref.uri} exists now; the plan saw it absent") from None
+
+    def _in_new_directory(self, action: Callable[[], None]) -> None:
+        try:
+            action()
         except FileNotFoundError:  # the first object under this prefix
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            os.replace(self.temp, self.path)
+            action()
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -1764,9 +1824,17 @@ class S3Store:
         return response["Body"]
 
     def open_write(
-        self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
+        self,
+        ref: ObjectRef,
+        *,
+        size: int,
+        content_type: str,
+        metadata: Mapping[str, str],
+        replaces: str | None = None,
     ) -> S3Upload:
-        return S3Upload(self, ref, size=size, content_type=content_type, metadata=metadata)
+        return S3Upload(
+            self, ref, size=size, content_type=content_type, metadata=metadata, replaces=replaces
+        )
 
     def check(self) -> None:
         """STS GetCallerIdentity: needs no IAM permission, proves that credentials resolve and
@@ -1848,10 +1916,13 @@ class S3Upload:
         size: int,
         content_type: str,
         metadata: Mapping[str, str],
+        replaces: str | None = None,
     ) -> None:
         self.store, self.ref, self.size = store, ref, size
         self.content_type, self.metadata = content_type, dict(metadata)
         self.client = store.client(ref)
+        # PutObject and CompleteMultipartUpload write only if the key is still as planned.
+        self.condition = {"IfMatch": replaces} if replaces else {"IfNoneMatch": "*"}
         # The whole object of a single PutObject, as the chunks were read: joined once at commit.
         # A growing bytearray copied itself as it grew and again into the request body.
         self.held: list[bytes] = []
@@ -1964,7 +2035,7 @@ class S3Upload:
         extra = {}
         if "sha256" in metadata:
             extra["ChecksumSHA256"] = _b64(bytes.fromhex(metadata["sha256"]))
-        with _translated(aws_error, "destination"):
+        with self._conditional():
             self.client.put_object(
                 Bucket=self.ref.bucket,
                 Key=self.ref.key,
@@ -1972,6 +2043,7 @@ class S3Upload:
                 ContentType=self.content_type,
                 Metadata=dict(metadata),
                 **extra,
+                **self.condition,
             )
 
     def _complete(self) -> None:
@@ -1980,14 +2052,28 @@ class S3Upload:
             self._submit_part(self.part)
             self.part = None
         parts = [future.result() for future in self.parts]  # raises the first failed part
-        with _translated(aws_error, "destination"):
+        with self._conditional():
             self.client.complete_multipart_upload(
                 Bucket=self.ref.bucket,
                 Key=self.ref.key,
                 UploadId=self.upload_id,
                 MultipartUpload={"Parts": parts},
+                **self.condition,
             )
         self._stop_executor()
+
+    @contextlib.contextmanager
+    def _conditional(self) -> Iterator[None]:
+        """The commit's own translation: a 412 is a refused commit, and so is S3's 404 NoSuchKey
+        for an If-Match whose object was deleted since the plan saw it."""
+        try:
+            with _translated(aws_error, "destination"):
+                yield
+        except PermanentError as exc:
+            code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+            if "IfMatch" in self.condition and code == "NoSuchKey":
+                raise CommitRefused(f"{self.ref.uri} was deleted since it was planned") from exc
+            raise
 
     def abort(self) -> None:
         self.held, self.part = [], None
@@ -2169,9 +2255,17 @@ class GCSStore:
         return data
 
     def open_write(
-        self, ref: ObjectRef, *, size: int, content_type: str, metadata: Mapping[str, str]
+        self,
+        ref: ObjectRef,
+        *,
+        size: int,
+        content_type: str,
+        metadata: Mapping[str, str],
+        replaces: str | None = None,
     ) -> GCSUpload:
-        return GCSUpload(self, ref, size=size, content_type=content_type, metadata=metadata)
+        return GCSUpload(
+            self, ref, size=size, content_type=content_type, metadata=metadata, replaces=replaces
+        )
 
     def abort_stale_uploads(self, ref: ObjectRef) -> int:
         return 0  # a killed worker's resumable session is invisible and expires within a week
@@ -2250,10 +2344,13 @@ class GCSUpload:
         size: int,
         content_type: str,
         metadata: Mapping[str, str],
+        replaces: str | None = None,
     ) -> None:
         import google_crc32c
 
         self.store, self.ref, self.size, self.content_type = store, ref, size, content_type
+        # The object is written only if its generation is still the planned one (0: absent).
+        self.generation_match = int(replaces) if replaces else 0
         self.blob = store.blob(ref)
         self.blob.metadata = dict(metadata)
         self.held: list[bytes] = []  # the whole small object, or the held-back tail, as read
@@ -2277,6 +2374,7 @@ class GCSUpload:
                 timeout=self.store.timeout,
                 checksum=None,
                 retry=None,
+                if_generation_match=self.generation_match,
             )
 
     def _start_stream(self) -> None:
@@ -2347,6 +2445,7 @@ class GCSUpload:
                 checksum="crc32c",
                 retry=None,
                 timeout=self.store.timeout,
+                if_generation_match=self.generation_match,
             )
         return {"crc32c": self.blob.crc32c}
 
@@ -2814,8 +2913,26 @@ def hash_source(store: ObjectStore, ref: ObjectRef, info: ObjectInfo) -> str:
     return digest.hexdigest()
 
 
+# Refused commits in a row within one attempt before it counts as failed: each refusal means
+# another writer committed to the key meanwhile, so this only guards against a livelock.
+MAX_REPLANS = 8
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one attempt knows: the source version it reads, what it believes the destination
+    holds (None: absent, or not looked at yet), and the SHA-256 it expects (learned by reading
+    the source, when neither the event nor the source stated it)."""
+
+    src: ObjectInfo
+    dst: ObjectInfo | None
+    sha256: str | None
+
+
 class TransferEngine:
-    """One attempt at one transfer: plan, stream, hash, verify, then commit or abort."""
+    """One attempt at one transfer: plan, stream, hash, verify, then commit conditionally on what
+    the plan saw of the destination, or abort. A refused commit re-plans from the destination's
+    new state: skip, or another conditional commit."""
 
     def __init__(self, stores: Mapping[str, ObjectStore], *, overwrite: str = "different") -> None:
         self.stores = stores
@@ -2825,35 +2942,67 @@ class TransferEngine:
         self, event: TransferEvent, *, on_progress: Callable[[int], None] = lambda n: None
     ) -> TransferResult:
         src, dst = self.stores[event.source.provider], self.stores[event.destination.provider]
+        plan = self._plan(event, src, dst)
+        for _ in range(MAX_REPLANS):
+            skip = plan_skip(event, plan.dst, plan.sha256, self.overwrite)
+            if skip:
+                return TransferResult("skipped", sha256=plan.sha256, reason=skip)
+            if plan.sha256 is None and plan.src.size > dst.late_metadata_limit:
+                plan.sha256 = hash_source(src, event.source, plan.src)
+            try:
+                return self._write(event, src, dst, plan, on_progress)
+            except CommitRefused:
+                plan.dst = dst.head(event.destination)
+        raise RetryableError(
+            f"{event.destination.uri} changed under {MAX_REPLANS} conditional commits in a row",
+            reason="conflict",
+        )
+
+    @staticmethod
+    def _plan(event: TransferEvent, src: ObjectStore, dst: ObjectStore) -> Plan:
+        """The source must exist. The destination is read first only for an object too large for
+        one request: a refused commit would waste its whole stream. A smaller one is written
+        first, on the condition that the key is absent, and the destination is read only when
+        that is refused: the common case of a new key costs one request less."""
         src_info = src.head(event.source)
         if src_info is None:
             raise PermanentError(
                 f"source {event.source.uri} does not exist", reason="source_not_found"
             )
-        expected = event.checksum_sha256 or src_info.checksums.get("sha256")
-        dst_info = dst.head(event.destination)
-        skip = plan_skip(event, dst_info, expected, self.overwrite)
-        if skip:
-            return TransferResult("skipped", sha256=expected, reason=skip)
-        if expected is None and src_info.size > dst.late_metadata_limit:
-            expected = hash_source(src, event.source, src_info)
-        metadata = self._metadata(event, expected)
-        content_type = event.content_type or src_info.content_type or "application/octet-stream"
+        large = src_info.size > dst.late_metadata_limit
+        dst_info = dst.head(event.destination) if large else None
+        return Plan(src_info, dst_info, event.checksum_sha256 or src_info.checksums.get("sha256"))
+
+    def _write(
+        self,
+        event: TransferEvent,
+        src: ObjectStore,
+        dst: ObjectStore,
+        plan: Plan,
+        on_progress: Callable[[int], None],
+    ) -> TransferResult:
+        """Stream, verify and commit on the condition that the destination is still plan.dst."""
+        metadata = self._metadata(event, plan.sha256)
+        content_type = event.content_type or plan.src.content_type or "application/octet-stream"
         upload = dst.open_write(
-            event.destination, size=src_info.size, content_type=content_type, metadata=metadata
+            event.destination,
+            size=plan.src.size,
+            content_type=content_type,
+            metadata=metadata,
+            replaces=plan.dst.version if plan.dst else None,
         )
         try:
-            digests = self._pump(src, event.source, src_info, upload, on_progress)
-            self._verify(event, src_info, expected, digests)
-            sha256 = digests["sha256"]
-            if self._same_content(dst_info, sha256):
+            digests = self._pump(src, event.source, plan.src, upload, on_progress)
+            self._verify(event, plan.src, plan.sha256, digests)
+            plan.sha256 = sha256 = digests["sha256"]  # a re-plan after a refusal knows it
+            if self._same_content(plan.dst, sha256):
                 upload.abort()
                 return TransferResult("skipped", sha256=sha256, reason="same_content")
             upload.commit({**metadata, META_SHA256: sha256})
         except BaseException:
             upload.abort()
             raise
-        return TransferResult("success", bytes_transferred=src_info.size, sha256=sha256)
+        return TransferResult("success", bytes_transferred=plan.src.size, sha256=sha256)
 
     def abort_stale_uploads(self, event: TransferEvent) -> int:
         """Uploads to the event's destination that no attempt will finish (the store's port)."""
