@@ -478,9 +478,25 @@ def test_overwrite_policies(stores, root, policy, existing_sha_matches, expected
     )
     engine_for(stores).transfer(first)
     put_source(root, "aws_s3", "source-bucket", "in/data.bin", data)
-    second = parse(make_event(timestamp="2024-01-16T00:00:00Z"))
+    # the same time: a newer event with the same bytes is written again (test_model.py says why)
+    second = parse(make_event(timestamp="2024-01-15T10:30:00Z"))
     result = engine_for(stores, policy).transfer(second)
     assert (result.outcome, result.reason) == expected
+
+
+def test_identical_bytes_of_a_newer_event_are_recorded_so_an_older_one_is_stale(stores, root):
+    """Found by the model test: t0 writes X, t2 brings X again (skipped as same_content, so t0
+    stayed on record), then t1 arrives late with Y and replaced the newest event's bytes."""
+
+    def copy(data: bytes, when: str) -> tw.TransferResult:
+        put_source(root, "aws_s3", "source-bucket", "in/data.bin", data)
+        return engine_for(stores).transfer(parse(make_event(timestamp=when)))
+
+    copy(b"X", "2024-01-01T00:00:00Z")
+    assert copy(b"X", "2024-01-03T00:00:00Z").outcome == "success"
+    late = copy(b"Y", "2024-01-02T00:00:00Z")
+    assert (late.outcome, late.reason) == ("skipped", "stale_event")
+    assert (root / "gcp_gcs" / "dest-bucket" / "out" / "data.bin").read_bytes() == b"X"
 
 
 def test_an_older_event_never_overwrites_a_newer_one(stores, root: Path):

@@ -2872,9 +2872,27 @@ def plan_skip(
         return "stale_event"
     if overwrite == "never":
         return "never_overwrite"
-    if overwrite == "different" and dst_sha and dst_sha == expected_sha256:
+    if overwrite == "different" and same_content(dst, expected_sha256, event):
         return "same_content"
     return None
+
+
+def same_content(dst: ObjectInfo | None, sha256: str | None, event: TransferEvent) -> bool:
+    """The destination holds these bytes already and records no event older than this one.
+    Identical bytes from a newer event are written again: with only the older event on record,
+    a later-arriving event older than this one would not be stale, and would replace the newest
+    bytes (the model test found it)."""
+    if dst is None or not sha256 or dst.metadata.get(META_SHA256) != sha256:
+        return False
+    written_at = dst.metadata.get(META_EVENT_TIME)
+    return not (written_at and _recorded_older(written_at, event.timestamp))
+
+
+def _recorded_older(written_at: str, event_time: dt.datetime) -> bool:
+    try:
+        return parse_time(written_at) < event_time
+    except ValueError:
+        return False
 
 
 def _newer(written_at: str, event_time: dt.datetime) -> bool:
@@ -2995,7 +3013,7 @@ class TransferEngine:
             digests = self._pump(src, event.source, plan.src, upload, on_progress)
             self._verify(event, plan.src, plan.sha256, digests)
             plan.sha256 = sha256 = digests["sha256"]  # a re-plan after a refusal knows it
-            if self._same_content(plan.dst, sha256):
+            if self.overwrite == "different" and same_content(plan.dst, sha256, event):
                 upload.abort()
                 return TransferResult("skipped", sha256=sha256, reason="same_content")
             upload.commit({**metadata, META_SHA256: sha256})
@@ -3007,15 +3025,6 @@ class TransferEngine:
     def abort_stale_uploads(self, event: TransferEvent) -> int:
         """Uploads to the event's destination that no attempt will finish (the store's port)."""
         return self.stores[event.destination.provider].abort_stale_uploads(event.destination)
-
-    def _same_content(self, dst: ObjectInfo | None, sha256: str) -> bool:
-        """Policy ``different`` learns the source's digest only after reading it when neither the
-        event nor the source states it; identical bytes are then not written again."""
-        return (
-            self.overwrite == "different"
-            and dst is not None
-            and (dst.metadata.get(META_SHA256) == sha256)
-        )
 
     @staticmethod
     def _metadata(event: TransferEvent, sha256: str | None) -> dict[str, str]:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -823,10 +824,47 @@ def campaign_changes(size: str, work: Path) -> Result:
     return Result("changes", ok, summary, md, defects)
 
 
+def campaign_model(size: str, work: Path) -> Result:
+    """The model test (tests/test_model.py) with many more examples than make test runs: random
+    interleavings of deliveries, kills, lapsed leases, duplicates and transient errors."""
+    examples = 300 if size == "small" else 3000
+    env = {**os.environ, "TW_MODEL_EXAMPLES": str(examples)}
+    test = str(Path(__file__).resolve().parents[1] / "test_model.py")
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+    )
+    took = time.monotonic() - started
+    ok = run.returncode == 0
+    tail = run.stdout.strip().splitlines()[-1:] or ["no output"]
+    defects = [] if ok else [run.stdout[-3000:]]
+    summary = f"model[{size}]: {'PASS' if ok else 'FAIL'} {examples} examples, {tail[0]}"
+    md = f"""## Model: random interleavings against the promises ({size})
+
+- Command: `TW_MODEL_EXAMPLES={examples} python -m pytest tests/test_model.py`
+  (or `python -m tests.campaigns.run --size {size} --only model`).
+- What it does: a hypothesis state machine drives the real worker, engine, SQLite queue and local
+  stores; deliveries stop at every chunk and the machine interleaves them, kills them, lets leases
+  lapse (a second delivery while the first runs), delivers duplicates and injects transient store
+  errors. Checked after every step: no destination file holds bytes of no event. At the end: each
+  key holds its newest event's bytes, every message was acknowledged, nothing dead-lettered, no
+  upload file left.
+- Result: {"PASS" if ok else "FAIL"}, {examples} examples of up to 25 steps in {took:.0f} s.
+- Defects: {len(defects)}{"".join(chr(10) + "  - " + d[:1500] for d in defects)}
+"""
+    return Result("model", ok, summary, md, defects)
+
+
 LOCAL_CAMPAIGNS: dict[str, Callable[[str, Path], Result]] = {
     "poison": campaign_poison,
     "drain": campaign_drain,
     "crashes": campaign_crashes,
     "scaleout": campaign_scaleout,
     "changes": campaign_changes,
+    "model": campaign_model,
 }

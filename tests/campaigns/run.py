@@ -7,7 +7,8 @@ RELIABILITY.md (command, size, machine, result). Exit status 0 when every campai
 one found a defect, 2 on a usage error. Work directories are under a temporary directory, removed
 at the end unless --keep. Campaigns: faults (cloud: S3/GCS through tests/faultproxy.py, SQS and
 Pub/Sub), crashes, drain, scaleout (local, plus SQS and Pub/Sub when the cloud adapters and
-servers are available), poison, changes (source changes mid-transfer + checksum mismatch)."""
+servers are available), poison, changes (source changes mid-transfer + checksum mismatch),
+model (tests/test_model.py with many examples)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ ORDER = (
     "crashes",
     "scaleout",
     "changes",
+    "model",
     "faults",
     "crashes-cloud",
     "drain-cloud",
