@@ -186,6 +186,9 @@ def moto_server() -> Iterator[str]:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:
         _unavailable(f"moto server mode unavailable ({exc}); install 'moto[server]'")
+    from tests import moto_conditions as mc
+
+    mc.enforce()  # S3 checks If-Match on CompleteMultipartUpload; moto does not
     server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
     _run_bounded(server.start, MOTO_START_TIMEOUT, "moto server")
     _host, port = server.get_host_and_port()

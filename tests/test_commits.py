@@ -195,6 +195,20 @@ def test_a_newer_event_refused_by_an_older_commit_replans_and_replaces_it(
     assert side.read("out") == newer
 
 
+def test_an_older_multipart_event_planned_on_an_existing_object_is_refused(
+    request: pytest.FixtureRequest, side: Side
+) -> None:
+    """The plan saw an object (If-Match / its generation / its file stat), not an absent key: a
+    newer event replaces it meanwhile, so the older one's commit is refused and it skips."""
+    emulator_limits(request, side, LARGE)
+    side.put("out", b"bytes written by another tool")
+    older, newer = os.urandom(LARGE), os.urandom(SMALL)
+    result_a, result_b = race(side, a=(OLD, older), b=(NEW, newer))
+    assert result_b.outcome == "success"
+    assert (result_a.outcome, result_a.reason) == ("skipped", "stale_event")
+    assert side.read("out") == newer
+
+
 def test_a_refused_commit_that_finds_the_same_bytes_is_same_content(side: Side) -> None:
     """Same bytes, same event time: nothing to write. (Same bytes from a newer event are written
     again, so that the newer time is on record: see test_model.py.)"""

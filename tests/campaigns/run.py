@@ -34,6 +34,7 @@ ORDER = (
     "crashes-cloud",
     "drain-cloud",
     "scaleout-cloud",
+    "races-cloud",
 )
 
 
@@ -49,7 +50,7 @@ def all_campaigns() -> dict:
 
         CLOUD_CAMPAIGNS = {
             n: (lambda s, w, n=n: unavailable(s, w, n))
-            for n in ("faults", "crashes-cloud", "drain-cloud", "scaleout-cloud")
+            for n in ("faults", "crashes-cloud", "drain-cloud", "scaleout-cloud", "races-cloud")
         }
     campaigns.update(CLOUD_CAMPAIGNS)
     return campaigns

@@ -29,6 +29,10 @@ REGION = ct.AWS_REGION
 def moto() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
+    from tests import moto_conditions
+
+    moto_conditions.enforce()  # S3's If-Match on CompleteMultipartUpload, which moto ignores
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
