@@ -2450,7 +2450,7 @@ class GCSUpload:
         if theirs and theirs != ours:
             raise RetryableError(
                 f"GCS stored {self.ref.uri} with CRC32C {theirs}, sent {ours}",
-                reason="checksum_mismatch",
+                reason=DAMAGED,
             )
 
     def abort(self) -> None:
@@ -2993,21 +2993,22 @@ class TransferEngine:
     def _verify(
         event: TransferEvent, info: ObjectInfo, expected: str | None, actual: Mapping[str, str]
     ) -> None:
-        """The event's checksum is the producer's promise: a mismatch is permanent. The source's
-        own digests describe the stored bytes: a mismatch there means they were damaged on the way,
-        which another attempt can fix."""
-        if expected and actual["sha256"] != expected:
-            raise PermanentError(
-                f"SHA-256 of {event.source.uri} is {actual['sha256']}, expected {expected}",
-                reason="checksum_mismatch",
-            )
+        """The source's own digests describe the stored bytes, so they are checked first: a
+        mismatch there means the bytes were damaged on the way, which another attempt can fix.
+        Only bytes that agree with them (or a source that publishes none) are then held to the
+        producer's promise, the event's checksum: a mismatch there is permanent."""
         for name, value in info.checksums.items():
             if name in actual and actual[name] != value:
                 raise RetryableError(
                     f"{name} of {event.source.uri} read as {actual[name]}, the "
                     f"source publishes {value}",
-                    reason="checksum_mismatch",
+                    reason=DAMAGED,
                 )
+        if expected and actual["sha256"] != expected:
+            raise PermanentError(
+                f"SHA-256 of {event.source.uri} is {actual['sha256']}, expected {expected}",
+                reason="checksum_mismatch",
+            )
 
 
 # =================================================================================================

@@ -10,6 +10,7 @@ an abort of an upload that is gone is done, a GCS upload the server did not fina
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -199,6 +200,38 @@ def test_a_missing_source_is_source_not_found_for_both_providers() -> None:
         tw.google_error(gexc.NotFound("no such object"), "source"),
     ):
         assert isinstance(error, tw.PermanentError) and error.reason == "source_not_found"
+
+
+# -- damage in transit is retried; only the producer's checksum is permanent -------------------
+
+
+def verify(checksums: dict[str, str], expected: str | None, data: bytes) -> None:
+    body = json.dumps(event_document("aws_s3", "src-bucket", "gcp_gcs", "dst-bucket")).encode()
+    event = tw.parse_event(body, tw.load_validator())
+    info = tw.ObjectInfo(size=len(data), version="v", checksums=checksums)
+    actual = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
+    }
+    tw.TransferEngine._verify(event, info, expected, actual)
+
+
+def test_bytes_damaged_in_transit_are_retried_even_when_the_producer_checksum_differs() -> None:
+    """The source's own MD5 is checked first: bytes that disagree with it were damaged on the
+    way, so the producer's checksum cannot be judged on them."""
+    sent = b"the bytes the source stores"
+    md5 = hashlib.md5(sent, usedforsecurity=False).hexdigest()
+    with pytest.raises(tw.RetryableError) as caught:
+        verify({"md5": md5}, hashlib.sha256(sent).hexdigest(), b"the bytes, damaged on the way")
+    assert caught.value.reason == "damaged_in_transit"
+
+
+def test_a_producer_checksum_that_good_bytes_do_not_match_is_permanent() -> None:
+    data = b"the bytes the source stores"
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    with pytest.raises(tw.PermanentError) as caught:
+        verify({"md5": md5}, "0" * 64, data)
+    assert caught.value.reason == "checksum_mismatch"
 
 
 # -- through real servers -------------------------------------------------------------------------
