@@ -1661,6 +1661,27 @@ def _aws_client_error(exc: Any, side: str) -> TransferError:
     return PermanentError(text, reason=_permanent_reason(side))
 
 
+def _aws_code(exc: BaseException | None) -> str:
+    """The error code of a botocore ClientError, or of the one a TransferError was raised from."""
+    cause = exc.__cause__ if isinstance(exc, TransferError) else exc
+    response = getattr(cause, "response", None)
+    error = response.get("Error") if isinstance(response, dict) else None
+    return str(error.get("Code", "")) if isinstance(error, dict) else ""
+
+
+@contextlib.contextmanager
+def _upload_gone_is_aborted() -> Iterator[None]:
+    """Around an AbortMultipartUpload: NoSuchUpload means another abort (ours, answered after a
+    dropped connection, or a racing worker's) got there first: the abort is done."""
+    from botocore.exceptions import ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        if _aws_code(exc) != "NoSuchUpload":
+            raise
+
+
 def _aws_config(pool: int) -> Any:
     """Few botocore retries: the worker's tenacity loop owns retrying (with the event's budget),
     botocore's standard mode only smooths one throttled call. Checksums are computed by us
@@ -1857,9 +1878,10 @@ class S3Store:
                 for page in pages:
                     for upload in page.get("Uploads", []):
                         if upload["Key"] == ref.key and upload["UploadId"] != keep:
-                            client.abort_multipart_upload(
-                                Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
-                            )
+                            with _upload_gone_is_aborted():
+                                client.abort_multipart_upload(
+                                    Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+                                )
                             aborted += 1
         except PermanentError as exc:
             if exc.reason != "access_denied":
@@ -1993,9 +2015,11 @@ class S3Upload:
         return buffer
 
     def _submit_part(self, data: bytearray) -> None:
-        """Upload ``data`` as the next part; its buffer comes back to ``free`` when done."""
+        """Upload ``data`` as the next part; its buffer comes back to ``free`` when done. The
+        part runs in this attempt's context, so a retry of it is logged with the event."""
         assert self.executor is not None
-        future = self.executor.submit(self._upload_part, len(self.parts) + 1, data)
+        run = contextvars.copy_context().run
+        future = self.executor.submit(run, self._upload_part, len(self.parts) + 1, data)
         future.add_done_callback(lambda _: self.free.put(data))
         self.parts.append(future)
 
@@ -2005,17 +2029,24 @@ class S3Upload:
                 future.result()
 
     def _upload_part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
+        """One part, retried on its own (sending it again replaces it), so a dropped
+        connection does not send the whole object again. An upload that is gone (NoSuchUpload)
+        is not: only a new attempt, with a new upload, can go on."""
         checksum = _b64(hashlib.sha256(data).digest())
-        with _translated(aws_error, "destination"):
-            response = self.client.upload_part(
-                Bucket=self.ref.bucket,
-                Key=self.ref.key,
-                UploadId=self.upload_id,
-                PartNumber=number,
-                Body=data,
-                ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=checksum,
-            )
+        retries = _request_retries()
+        upload_exists = tenacity.retry_if_exception(lambda e: _aws_code(e) != "NoSuchUpload")
+        retries = retries.copy(retry=retries.retry & upload_exists)
+        for attempt in retries:
+            with attempt, _translated(aws_error, "destination"):
+                response = self.client.upload_part(
+                    Bucket=self.ref.bucket,
+                    Key=self.ref.key,
+                    UploadId=self.upload_id,
+                    PartNumber=number,
+                    Body=data,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=checksum,
+                )
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
 
     def commit(self, metadata: Mapping[str, str]) -> None:
@@ -2067,7 +2098,7 @@ class S3Upload:
         # that caused the abort.
         with contextlib.suppress(TransferError):
             for attempt in _request_retries():
-                with attempt, _translated(aws_error, "destination"):
+                with attempt, _translated(aws_error, "destination"), _upload_gone_is_aborted():
                     self.client.abort_multipart_upload(
                         Bucket=self.ref.bucket, Key=self.ref.key, UploadId=upload_id
                     )
@@ -2404,16 +2435,23 @@ class GCSUpload:
             response = self.store.client._http.put(
                 self.session_url, data=data, headers=headers, timeout=self.store.timeout
             )
-            if not final and response.status_code == 308:
-                self._check_persisted(response, end)
+            if response.status_code == 308:
+                self._check_persisted(response, end, final=final)
             else:
                 _raise_for_response(response)
         return response
 
-    def _check_persisted(self, response: Any, end: int) -> None:
+    def _check_persisted(self, response: Any, end: int, *, final: bool) -> None:
         """308 carries ``Range: bytes=0-N``: what the server kept. Less than sent means lost
-        bytes; the attempt starts again rather than resending from the middle."""
+        bytes; the attempt starts again rather than resending from the middle. An answer of 308
+        to the final request means the object was not finalised: bytes are missing."""
         kept = response.headers.get("Range", "")
+        if final:
+            raise RetryableError(
+                f"GCS did not finalise {self.ref.uri}: it kept {kept or 'nothing'} of "
+                f"{self.size} bytes",
+                reason=NETWORK,
+            )
         if not kept.endswith(f"-{end}"):
             raise RetryableError(
                 f"GCS kept {kept or 'nothing'} of {self.ref.uri}, sent up to {end}",
