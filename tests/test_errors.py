@@ -417,7 +417,7 @@ def test_an_abort_of_an_upload_that_is_gone_is_done(aws_env: str) -> None:
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-def test_a_gcs_upload_the_server_did_not_finalise_is_retried(gcs_env: str) -> None:
+def test_a_gcs_upload_the_server_did_not_finalise_is_retryable(gcs_env: str) -> None:
     """The final request of a resumable upload answered 308: the server holds fewer bytes than
     the object has. Provoked here by declaring one byte more than is sent (the emulator then
     answers as GCS does, 308 with the Range it holds); before, .json() of the empty 308 body
