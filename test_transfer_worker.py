@@ -517,7 +517,7 @@ def test_a_source_checksum_is_checked_when_the_event_has_none(stores, root: Path
     info = tw.ObjectInfo(size=100, version="v", checksums={"sha256": sha(b"y" * 100)})
     with pytest.raises(tw.RetryableError) as caught:
         tw.TransferEngine._verify(parse(make_event()), info, None, {"sha256": sha(data)})
-    assert caught.value.reason == "checksum_mismatch"
+    assert caught.value.reason == "damaged_in_transit"
 
 
 class LateMetadataStore(tw.LocalObjectStore):

@@ -1496,6 +1496,23 @@ THROTTLED, UNAVAILABLE, NETWORK, TIMEOUT, CREDENTIALS = (
     "timeout",
     "credentials",
 )
+CONFLICT = "conflict"  # a concurrent operation on the same bucket, key or upload
+DAMAGED = "damaged_in_transit"  # bytes that disagree with a checksum computed where they came from
+CLOCK_SKEW = "clock_skew"  # a request signed too far from the server's time
+TRANSIENT = RetryableError.default_reason  # an SDK transport error nothing here knows by name
+
+# Modules whose exceptions are failures of the SDKs' transport layer, not of our code: one that
+# nothing below classifies is retried (a new urllib3 or grpc error must not dead-letter
+# internal_error). A TypeError or KeyError raised by our own code is a bug and stays one.
+SDK_TRANSPORT_MODULES = (
+    "botocore",
+    "urllib3",
+    "requests",
+    "google.auth",
+    "google.api_core",
+    "google.resumable_media",
+    "grpc",
+)
 
 
 def _precondition_failed(text: str, side: str) -> TransferError:
@@ -1505,7 +1522,31 @@ def _precondition_failed(text: str, side: str) -> TransferError:
         return SourceChanged(text)
     if side == "destination":
         return CommitRefused(text)
-    return RetryableError(text, reason="conflict")
+    return RetryableError(text, reason=CONFLICT)
+
+
+def _from_sdk_transport(exc: BaseException) -> bool:
+    module = type(exc).__module__
+    return any(module == name or module.startswith(name + ".") for name in SDK_TRANSPORT_MODULES)
+
+
+def _transport_error(
+    exc: BaseException, text: str, *, timeouts: tuple[type[BaseException], ...], transient: bool
+) -> RetryableError | None:
+    """Failures below the API, for both providers: a timeout; a connection that could not be
+    made or broke (refused, DNS, TLS, proxy, reset, a body cut mid-read), which the SDK's own
+    predicate (``transient``) or the standard library names; anything else the SDKs' transport
+    raises. None for everything else: our own bugs."""
+    import urllib3
+
+    if isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError, *timeouts)):
+        return RetryableError(text, reason=TIMEOUT)
+    broken = (ConnectionError, urllib3.exceptions.HTTPError, http.client.HTTPException)
+    if transient or isinstance(exc, broken):
+        return RetryableError(text, reason=NETWORK)
+    if _from_sdk_transport(exc):
+        return RetryableError(text, reason=TRANSIENT)
+    return None
 
 
 def _permanent_reason(side: str) -> str:
@@ -1579,61 +1620,86 @@ def _request_retries(tries: int = REQUEST_TRIES) -> tenacity.Retrying:
 
 
 # -- AWS: one translation for S3 and SQS ----------------------------------------------------------
+# What is transient is botocore's decision: its standard retry mode's checkers, asked about each
+# error through an attempt context built from it (_botocore_verdict). The tables below add only
+# what our promises need beyond them, and name the reason of codes both agree on.
 
-AWS_THROTTLING = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "BandwidthLimitExceeded",
-        "KMS.ThrottlingException",
-    }
-)
-# 4xx codes that another attempt can cure: a socket S3 gave up on, a body damaged in transit,
-# credentials that expired under a long transfer, an upload aborted by a racing worker.
-AWS_TRANSIENT = frozenset(
-    {
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "PriorRequestNotComplete",
-        "BadDigest",
-        "InvalidDigest",
-        "XAmzContentSHA256Mismatch",
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "RequestExpired",
-        "NoSuchUpload",
-        "InternalError",
-        "ServiceUnavailable",
-    }
-)
+AWS_THROTTLING = frozenset({"KMS.ThrottlingException"})  # an S3 read of an SSE-KMS object
+# Codes that another attempt can cure, with their reason: 4xx that botocore does not retry, and
+# a few it does (RequestTimeout, InternalError) whose reason is more precise than "unavailable".
+AWS_TRANSIENT = {
+    "IncompleteBody": NETWORK,  # S3 got fewer bytes than Content-Length: the connection dropped
+    "RequestTimeout": TIMEOUT,  # (botocore's too) S3 gave up on a socket that went quiet
+    "RequestTimeoutException": TIMEOUT,
+    "OperationAborted": CONFLICT,  # 409: a conflicting operation on the bucket is in progress
+    "ConditionalRequestConflict": CONFLICT,  # 409: a concurrent conditional write to the key
+    "NoSuchUpload": CONFLICT,  # a racing worker aborted our upload: the next attempt makes one
+    "RequestTimeTooSkewed": CLOCK_SKEW,  # 403, but no permission is missing
+    "BadDigest": DAMAGED,  # the body S3 received disagrees with the checksum we sent
+    "XAmzContentSHA256Mismatch": DAMAGED,
+    "ExpiredToken": CREDENTIALS,  # expired under a long transfer; refreshed on the next attempt
+    "ExpiredTokenException": CREDENTIALS,
+    "RequestExpired": CREDENTIALS,
+    "InternalError": UNAVAILABLE,  # S3 sometimes sends these with a 200
+    "ServiceUnavailable": UNAVAILABLE,
+}
 AWS_DENIED = frozenset(
     {"AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 )
 AWS_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 
 
+@functools.cache
+def _botocore_checkers() -> tuple[Any, Any, Any]:
+    """botocore's standard-mode checkers: throttling codes, a 429, and transient codes, 5xx and
+    connection errors. They keep no state, so one set serves every thread."""
+    from botocore.retries import standard
+
+    return (
+        standard.ThrottledRetryableChecker(),
+        standard.ThrottlingStatusCodeChecker(),
+        standard.TransientRetryableChecker(),
+    )
+
+
+def _botocore_verdict(exc: Exception, status: int = 0) -> str | None:
+    """THROTTLED or UNAVAILABLE when botocore's standard mode would retry ``exc``, else None."""
+    from botocore.awsrequest import AWSResponse
+    from botocore.exceptions import ClientError
+    from botocore.retries.standard import RetryContext
+
+    client_error = isinstance(exc, ClientError)
+    context = RetryContext(
+        attempt_number=1,
+        parsed_response=exc.response if client_error else None,  # type: ignore[attr-defined]
+        http_response=AWSResponse("", status, {}, None) if client_error else None,
+        caught_exception=None if client_error else exc,
+    )
+    throttled, throttling_status, transient = _botocore_checkers()
+    if throttled.is_retryable(context) or throttling_status.is_retryable(context):
+        return THROTTLED
+    return UNAVAILABLE if transient.is_retryable(context) else None
+
+
 def aws_error(exc: Exception, side: str) -> TransferError | None:
-    """The TransferError for a botocore exception, or None when ``exc`` is not one."""
+    """The TransferError for an exception of boto3's stack, or None for one of ours (a bug:
+    the worker dead-letters it internal_error)."""
     import botocore.exceptions as bex
-    import urllib3
 
     if isinstance(exc, bex.ClientError):
         return _aws_client_error(exc, side)
-    if isinstance(exc, (bex.ReadTimeoutError, bex.ConnectTimeoutError)):
-        return RetryableError(f"AWS timed out: {exc}", reason=TIMEOUT)
-    network = (bex.HTTPClientError, bex.IncompleteReadError, urllib3.exceptions.HTTPError)
-    if isinstance(exc, (*network, http.client.HTTPException)):  # incl. a body cut mid-read
-        return RetryableError(f"AWS connection failed: {exc}", reason=NETWORK)
+    text = f"AWS: {type(exc).__name__}: {exc}"
     no_credentials = (bex.NoCredentialsError, bex.PartialCredentialsError)
     if isinstance(exc, (*no_credentials, bex.CredentialRetrievalError)):
         return RetryableError(f"AWS credentials unavailable: {exc}", reason=CREDENTIALS)
-    return None
+    if isinstance(exc, bex.ChecksumError):  # a response body that disagrees with S3's checksum
+        return RetryableError(text, reason=DAMAGED)
+    if isinstance(exc, bex.ParamValidationError):  # our request is wrong: a bug
+        return None
+    timeouts = (bex.ReadTimeoutError, bex.ConnectTimeoutError)
+    # IncompleteReadError: a GetObject body shorter than its Content-Length, cut mid-read
+    transient = _botocore_verdict(exc) is not None or isinstance(exc, bex.IncompleteReadError)
+    return _transport_error(exc, text, timeouts=timeouts, transient=transient)
 
 
 def _aws_client_error(exc: Any, side: str) -> TransferError:
@@ -1641,10 +1707,11 @@ def _aws_client_error(exc: Any, side: str) -> TransferError:
     code = str(error.get("Code", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     text = f"AWS {exc.operation_name}: {code or status} {error.get('Message', '')}".strip()
-    if code in AWS_THROTTLING or status == 429:
-        return RetryableError(text, reason=THROTTLED)
-    if status >= 500 or code in AWS_TRANSIENT:
-        return RetryableError(text, reason=UNAVAILABLE)
+    reason = AWS_TRANSIENT.get(code) or _botocore_verdict(exc, status)
+    if code in AWS_THROTTLING:
+        reason = THROTTLED
+    if reason:
+        return RetryableError(text, reason=reason)
     if status == 412 or code == "PreconditionFailed":
         return _precondition_failed(text, side)
     if status == 403 or code in AWS_DENIED:
@@ -1652,6 +1719,27 @@ def _aws_client_error(exc: Any, side: str) -> TransferError:
     if (status == 404 or code in AWS_NOT_FOUND) and side == "source":
         return PermanentError(text, reason="source_not_found")
     return PermanentError(text, reason=_permanent_reason(side))
+
+
+def _aws_code(exc: BaseException | None) -> str:
+    """The error code of a botocore ClientError, or of the one a TransferError was raised from."""
+    cause = exc.__cause__ if isinstance(exc, TransferError) else exc
+    response = getattr(cause, "response", None)
+    error = response.get("Error") if isinstance(response, dict) else None
+    return str(error.get("Code", "")) if isinstance(error, dict) else ""
+
+
+@contextlib.contextmanager
+def _upload_gone_is_aborted() -> Iterator[None]:
+    """Around an AbortMultipartUpload: NoSuchUpload means another abort (ours, answered after a
+    dropped connection, or a racing worker's) got there first: the abort is done."""
+    from botocore.exceptions import ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        if _aws_code(exc) != "NoSuchUpload":
+            raise
 
 
 def _aws_config(pool: int) -> Any:
@@ -1858,9 +1946,10 @@ class S3Store:
                 for page in pages:
                     for upload in page.get("Uploads", []):
                         if upload["Key"] == ref.key and upload["UploadId"] != keep:
-                            client.abort_multipart_upload(
-                                Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
-                            )
+                            with _upload_gone_is_aborted():
+                                client.abort_multipart_upload(
+                                    Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+                                )
                             aborted += 1
         except PermanentError as exc:
             if exc.reason != "access_denied":
@@ -1997,9 +2086,11 @@ class S3Upload:
         return buffer
 
     def _submit_part(self, data: bytearray) -> None:
-        """Upload ``data`` as the next part; its buffer comes back to ``free`` when done."""
+        """Upload ``data`` as the next part; its buffer comes back to ``free`` when done. The
+        part runs in this attempt's context, so a retry of it is logged with the event."""
         assert self.executor is not None
-        future = self.executor.submit(self._upload_part, len(self.parts) + 1, data)
+        run = contextvars.copy_context().run
+        future = self.executor.submit(run, self._upload_part, len(self.parts) + 1, data)
         future.add_done_callback(lambda _: self.free.put(data))
         self.parts.append(future)
 
@@ -2009,17 +2100,24 @@ class S3Upload:
                 future.result()
 
     def _upload_part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
+        """One part, retried on its own (sending it again replaces it), so a dropped
+        connection does not send the whole object again. An upload that is gone (NoSuchUpload)
+        is not: only a new attempt, with a new upload, can go on."""
         checksum = _b64(hashlib.sha256(data).digest())
-        with _translated(aws_error, "destination"):
-            response = self.client.upload_part(
-                Bucket=self.ref.bucket,
-                Key=self.ref.key,
-                UploadId=self.upload_id,
-                PartNumber=number,
-                Body=data,
-                ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=checksum,
-            )
+        retries = _request_retries()
+        upload_exists = tenacity.retry_if_exception(lambda e: _aws_code(e) != "NoSuchUpload")
+        retries = retries.copy(retry=retries.retry & upload_exists)
+        for attempt in retries:
+            with attempt, _translated(aws_error, "destination"):
+                response = self.client.upload_part(
+                    Bucket=self.ref.bucket,
+                    Key=self.ref.key,
+                    UploadId=self.upload_id,
+                    PartNumber=number,
+                    Body=data,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=checksum,
+                )
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
 
     def commit(self, metadata: Mapping[str, str]) -> None:
@@ -2086,7 +2184,7 @@ class S3Upload:
         # that caused the abort.
         with contextlib.suppress(TransferError):
             for attempt in _request_retries():
-                with attempt, _translated(aws_error, "destination"):
+                with attempt, _translated(aws_error, "destination"), _upload_gone_is_aborted():
                     self.client.abort_multipart_upload(
                         Bucket=self.ref.bucket, Key=self.ref.key, UploadId=upload_id
                     )
@@ -2100,30 +2198,41 @@ class S3Upload:
 # -- Google: one translation for GCS and Pub/Sub ---------------------------------------------------
 
 
+# What is transient is the Google libraries' decision: google.api_core's if_transient_error and
+# google-cloud-storage's retry predicate (a superset: 408, 502, 504, timeouts, urllib3 and
+# http.client errors). Added here: what our promises need beyond them.
+
+# A 400 whose message says the bytes GCS received disagree with the checksum we sent.
+GCS_DAMAGED = re.compile(r"\b(crc32c|md5)\b.*match", re.IGNORECASE)
+
+
+def _google_transient(exc: Exception) -> bool:
+    from google.api_core.retry import if_transient_error
+    from google.cloud.storage import retry as storage_retry
+
+    # _should_retry is the predicate of storage's DEFAULT_RETRY, the one its own calls use.
+    return bool(if_transient_error(exc) or storage_retry._should_retry(exc))
+
+
 def google_error(exc: Exception, side: str) -> TransferError | None:
-    """The TransferError for a google-api-core / requests / google-auth exception, or None."""
+    """The TransferError for an exception of the Google libraries' stack (google-api-core,
+    google-auth, requests, urllib3, gRPC), or None for one of ours (a bug: internal_error)."""
     import google.auth.exceptions as gauth
     import requests
-    import urllib3
     from google.api_core import exceptions as gexc
 
     text = f"Google API: {type(exc).__name__}: {exc}"
     if isinstance(exc, gexc.GoogleAPICallError):
         return _google_call_error(exc, side, text)
-    retryable: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
-        ((requests.exceptions.Timeout, TimeoutError), TIMEOUT),
-        ((requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError), NETWORK),
-        ((gauth.TransportError, ConnectionError), NETWORK),
-        # a body cut mid-download surfaces from urllib3 / http.client, unwrapped
-        ((urllib3.exceptions.HTTPError, http.client.HTTPException), NETWORK),
-        ((gauth.RefreshError, gauth.DefaultCredentialsError), CREDENTIALS),
-    )
-    for kinds, reason in retryable:
-        if isinstance(exc, kinds):
-            return RetryableError(text, reason=reason)
+    if isinstance(exc, (gauth.RefreshError, gauth.DefaultCredentialsError)):
+        return RetryableError(text, reason=CREDENTIALS)
     if type(exc).__name__ == "DataCorruption":  # google.resumable_media / storage._media
-        return RetryableError(text, reason="checksum_mismatch")
-    return None
+        return RetryableError(text, reason=DAMAGED)
+    if type(exc).__name__ == "InvalidResponse":  # storage._media: a raw HTTP status
+        status = getattr(getattr(exc, "response", None), "status_code", 0) or 0
+        return _google_call_error(gexc.from_http_status(status, str(exc)), side, text)
+    timeouts = (requests.exceptions.Timeout,)
+    return _transport_error(exc, text, timeouts=timeouts, transient=_google_transient(exc))
 
 
 def _google_call_error(exc: Any, side: str, text: str) -> TransferError:
@@ -2131,18 +2240,32 @@ def _google_call_error(exc: Any, side: str, text: str) -> TransferError:
     TooManyRequests, UNAVAILABLE and DEADLINE_EXCEEDED are ServerErrors."""
     from google.api_core import exceptions as gexc
 
-    if isinstance(exc, gexc.TooManyRequests):
-        return RetryableError(text, reason=THROTTLED)
-    if isinstance(exc, (gexc.ServerError, gexc.Aborted, gexc.Cancelled)):
-        return RetryableError(text, reason=UNAVAILABLE)
-    if exc.code == 408:
-        return RetryableError(text, reason=TIMEOUT)
+    reason = _google_retry_reason(exc)
+    if reason:
+        return RetryableError(text, reason=reason)
     if isinstance(exc, (gexc.PreconditionFailed, gexc.RequestRangeNotSatisfiable)):
         return _precondition_failed(text, side)
     if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
         return PermanentError(text, reason="access_denied")
     not_found = isinstance(exc, gexc.NotFound) and side == "source"
     return PermanentError(text, reason="source_not_found" if not_found else _permanent_reason(side))
+
+
+def _google_retry_reason(exc: Any) -> str | None:
+    """Why another attempt can cure ``exc``, or None. Beyond the libraries' predicates: any 5xx
+    but 501, an aborted or cancelled call (a Pub/Sub stream), a body damaged on its way."""
+    from google.api_core import exceptions as gexc
+
+    if isinstance(exc, gexc.TooManyRequests):
+        return THROTTLED
+    if exc.code == 408:
+        return TIMEOUT
+    if isinstance(exc, gexc.BadRequest) and GCS_DAMAGED.search(exc.message or ""):
+        return DAMAGED
+    server = isinstance(exc, gexc.ServerError) and not isinstance(exc, gexc.MethodNotImplemented)
+    if server or _google_transient(exc) or isinstance(exc, (gexc.Aborted, gexc.Cancelled)):
+        return UNAVAILABLE
+    return None
 
 
 def _raise_for_response(response: Any) -> None:
@@ -2410,16 +2533,23 @@ class GCSUpload:
             response = self.store.client._http.put(
                 self.session_url, data=data, headers=headers, timeout=self.store.timeout
             )
-            if not final and response.status_code == 308:
-                self._check_persisted(response, end)
+            if response.status_code == 308:
+                self._check_persisted(response, end, final=final)
             else:
                 _raise_for_response(response)
         return response
 
-    def _check_persisted(self, response: Any, end: int) -> None:
+    def _check_persisted(self, response: Any, end: int, *, final: bool) -> None:
         """308 carries ``Range: bytes=0-N``: what the server kept. Less than sent means lost
-        bytes; the attempt starts again rather than resending from the middle."""
+        bytes; the attempt starts again rather than resending from the middle. An answer of 308
+        to the final request means the object was not finalised: bytes are missing."""
         kept = response.headers.get("Range", "")
+        if final:
+            raise RetryableError(
+                f"GCS did not finalise {self.ref.uri}: it kept {kept or 'nothing'} of "
+                f"{self.size} bytes",
+                reason=NETWORK,
+            )
         if not kept.endswith(f"-{end}"):
             raise RetryableError(
                 f"GCS kept {kept or 'nothing'} of {self.ref.uri}, sent up to {end}",
@@ -2457,7 +2587,7 @@ class GCSUpload:
         if theirs and theirs != ours:
             raise RetryableError(
                 f"GCS stored {self.ref.uri} with CRC32C {theirs}, sent {ours}",
-                reason="checksum_mismatch",
+                reason=DAMAGED,
             )
 
     def abort(self) -> None:
@@ -3059,21 +3189,22 @@ class TransferEngine:
     def _verify(
         event: TransferEvent, info: ObjectInfo, expected: str | None, actual: Mapping[str, str]
     ) -> None:
-        """The event's checksum is the producer's promise: a mismatch is permanent. The source's
-        own digests describe the stored bytes: a mismatch there means they were damaged on the way,
-        which another attempt can fix."""
-        if expected and actual["sha256"] != expected:
-            raise PermanentError(
-                f"SHA-256 of {event.source.uri} is {actual['sha256']}, expected {expected}",
-                reason="checksum_mismatch",
-            )
+        """The source's own digests describe the stored bytes, so they are checked first: a
+        mismatch there means the bytes were damaged on the way, which another attempt can fix.
+        Only bytes that agree with them (or a source that publishes none) are then held to the
+        producer's promise, the event's checksum: a mismatch there is permanent."""
         for name, value in info.checksums.items():
             if name in actual and actual[name] != value:
                 raise RetryableError(
                     f"{name} of {event.source.uri} read as {actual[name]}, the "
                     f"source publishes {value}",
-                    reason="checksum_mismatch",
+                    reason=DAMAGED,
                 )
+        if expected and actual["sha256"] != expected:
+            raise PermanentError(
+                f"SHA-256 of {event.source.uri} is {actual['sha256']}, expected {expected}",
+                reason="checksum_mismatch",
+            )
 
 
 # =================================================================================================
