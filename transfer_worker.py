@@ -2168,8 +2168,7 @@ class S3Upload:
             with _translated(aws_error, "destination"):
                 yield
         except PermanentError as exc:
-            code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
-            if "IfMatch" in self.condition and code == "NoSuchKey":
+            if "IfMatch" in self.condition and _aws_code(exc) == "NoSuchKey":
                 raise CommitRefused(f"{self.ref.uri} was deleted since it was planned") from exc
             raise
 
