@@ -239,6 +239,7 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], channel: Any, *args: str, once: bool) -> None:
         cmd = [PYTHON, str(HERE / "transfer_worker.py"), "run", "--storage", "cloud"]
+        cmd += ["--allowed-buckets", "*"]  # each test makes fresh buckets
         cmd += ["--queue", channel.queue, "--dead-letter", channel.dead_letter]
         cmd += ["--http-port", "0", "--part-size", str(PART), "--backoff-initial", "0.2"]
         cmd += ["--backoff-max", "1", *args] + (["--once"] if once else [])

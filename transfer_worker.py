@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import contextvars
 import ctypes
@@ -38,6 +39,7 @@ import json
 import os
 import queue as queue_module
 import re
+import selectors
 import signal
 import socket
 import sqlite3
@@ -59,6 +61,7 @@ from collections.abc import (
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import jsonschema
 import structlog
@@ -80,6 +83,7 @@ SCHEMA_PATH = Path(__file__).with_name("event_schema.json")
 SUPPORTED_SCHEMA_MAJOR = 1
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's lower bound for every multipart part but the last
+CLOCK_SKEW = 300  # default of --clock-skew: NTP keeps clocks far closer; 5 minutes is generous
 PROVIDERS = ("aws_s3", "gcp_gcs")
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 OVERWRITE_POLICIES = ("different", "never", "always")
@@ -135,7 +139,11 @@ class Config:
     log_level: str = _setting(
         "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
-    allowed_buckets: str = _setting("", "comma-separated provider:bucket allowlist (empty: all)")
+    allowed_buckets: str = _setting(
+        "",
+        "comma-separated provider:bucket allowlist, or '*' for every bucket "
+        "(empty: every bucket in local mode; required in cloud mode)",
+    )
     visibility_timeout: int = _setting(
         300,
         "seconds a received message stays hidden; extended "
@@ -156,16 +164,34 @@ class Config:
     max_message_bytes: int = _setting(
         256 * 1024, "larger message bodies are dead-lettered", minimum=1024
     )
+    clock_skew: int = _setting(
+        CLOCK_SKEW,
+        "seconds a destination's transfer-event-time may lie ahead of this worker's clock; "
+        "a later one is ignored (it cannot block newer events)",
+        minimum=0,
+    )
 
     @property
-    def allowlist(self) -> frozenset[tuple[str, str]]:
-        """The allowed (provider, bucket) pairs; empty means every bucket is allowed."""
+    def allowlist(self) -> frozenset[tuple[str, str]] | None:
+        """The allowed (provider, bucket) pairs; None means every bucket. Deny by default in
+        cloud mode: there an empty setting allows nothing (and validate() refuses it), since
+        whoever can publish an event would otherwise choose any bucket the credentials reach."""
         pairs = [item.strip() for item in self.allowed_buckets.split(",") if item.strip()]
+        if pairs == ["*"] or (not pairs and self.storage == "local"):
+            return None
         return frozenset(tuple(pair.split(":", 1)) for pair in pairs)  # type: ignore[misc]
 
     def validate(self) -> None:
         """Reject combinations argparse cannot see, naming the setting to fix."""
-        for item in filter(None, (p.strip() for p in self.allowed_buckets.split(","))):
+        items = [p.strip() for p in self.allowed_buckets.split(",") if p.strip()]
+        if self.storage == "cloud" and not items:
+            raise ValueError(
+                "--storage cloud needs --allowed-buckets (TRANSFER_WORKER_ALLOWED_BUCKETS): "
+                "a comma-separated list of provider:bucket, or '*' to allow every bucket"
+            )
+        for item in items:
+            if item == "*" and len(items) == 1:
+                continue
             provider, _, bucket = item.partition(":")
             if provider not in PROVIDERS or not bucket:
                 raise ValueError(
@@ -1427,6 +1453,9 @@ READ_TIMEOUT = 120.0  # seconds without a byte from a cloud API before the attem
 UPLOAD_WINDOW = 2  # default of --upload-window
 GCS_QUANTUM = 256 * 1024  # resumable upload chunks are multiples of this
 S3_MAX_PARTS = 10_000  # parts in one S3 multipart upload
+# Events choose the region, so clients are cached least-recently-used: one boto3 client costs
+# about 0.35 MiB (300 regions cached for ever: 106 MiB), and 16 cover any real deployment.
+AWS_CLIENT_CACHE = 16
 
 # Reasons of RetryableError, bounded: they label retry_count_total.
 THROTTLED, UNAVAILABLE, NETWORK, TIMEOUT, CREDENTIALS = (
@@ -1611,28 +1640,43 @@ def _aws_config(pool: int) -> Any:
 
 
 class AwsClients:
-    """boto3 clients built once per (service, region) and shared by every thread (botocore
-    clients are thread-safe; the session that builds them is not, hence the lock). Endpoints come
-    from the SDK's own settings (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, ...)."""
+    """boto3 clients per (service, region), shared by every thread (botocore clients are
+    thread-safe; the session that builds them is not, hence the lock). Endpoints come from the
+    SDK's own settings (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, ...).
 
-    def __init__(self, *, pool: int, endpoint_url: str | None = None, session: Any = None) -> None:
+    At most ``size`` clients are kept, least recently used first out, since an event names any
+    region it likes. An evicted client is dropped, not closed: a transfer that took it still
+    holds it and keeps using its connections; it is freed with the last reference."""
+
+    def __init__(
+        self,
+        *,
+        pool: int,
+        endpoint_url: str | None = None,
+        session: Any = None,
+        size: int = AWS_CLIENT_CACHE,
+    ) -> None:
         import boto3
 
         self.session = session or boto3.session.Session()
         self.config = _aws_config(pool)
         self.endpoint_url = endpoint_url
-        self._clients: dict[tuple[str, str | None], Any] = {}
+        self.size = size
+        self._clients: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, service: str, region: str | None = None) -> Any:
-        region = region or self.session.region_name or "us-east-1"
+        key = (service, region or self.session.region_name or "us-east-1")
         with self._lock:
-            client = self._clients.get((service, region))
+            client = self._clients.get(key)
             if client is None:
                 client = self.session.client(
-                    service, region_name=region, config=self.config, endpoint_url=self.endpoint_url
+                    service, region_name=key[1], config=self.config, endpoint_url=self.endpoint_url
                 )
-                self._clients[(service, region)] = client
+                self._clients[key] = client
+                while len(self._clients) > self.size:
+                    self._clients.popitem(last=False)
+            self._clients.move_to_end(key)
             return client
 
 
@@ -1858,6 +1902,7 @@ class S3Upload:
         self.written = 0
         self.upload_id: str | None = None
         self.parts: list[Future[dict[str, Any]]] = []
+        self.failed: Future[dict[str, Any]] | None = None  # the first part that failed
         self.finished = False
         self.executor: ThreadPoolExecutor | None = None
         self.part: bytearray | None = None  # the part being filled
@@ -1929,13 +1974,20 @@ class S3Upload:
         """Upload ``data`` as the next part; its buffer comes back to ``free`` when done."""
         assert self.executor is not None
         future = self.executor.submit(self._upload_part, len(self.parts) + 1, data)
-        future.add_done_callback(lambda _: self.free.put(data))
+        future.add_done_callback(lambda done: self._part_done(done, data))
         self.parts.append(future)
 
+    def _part_done(self, future: Future[dict[str, Any]], data: bytearray) -> None:
+        """Each part is looked at once, as it finishes: scanning every earlier part before each
+        new one made 10,000 parts cost 31 s of CPU. The failure is noted before the buffer comes
+        back, so the writer waiting for that buffer sees it."""
+        if self.failed is None and not future.cancelled() and future.exception() is not None:
+            self.failed = future
+        self.free.put(data)
+
     def _raise_failed_part(self) -> None:
-        for future in self.parts:
-            if future.done() and future.exception() is not None:
-                future.result()
+        if self.failed is not None:
+            self.failed.result()
 
     def _upload_part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
         checksum = _b64(hashlib.sha256(data).digest())
@@ -2753,12 +2805,20 @@ PUBLISHERS[r"^projects/[^/]+/topics/[^/]+$"] = lambda topic, config, clients: Pu
 
 
 def plan_skip(
-    event: TransferEvent, dst: ObjectInfo | None, expected_sha256: str | None, overwrite: str
+    event: TransferEvent,
+    dst: ObjectInfo | None,
+    expected_sha256: str | None,
+    overwrite: str,
+    *,
+    latest: dt.datetime | None = None,
 ) -> str | None:
     """Why the destination must not be written, or None to go ahead.
 
     Order matters: an event already applied is a plain duplicate delivery; a destination written by
-    a newer event must never be replaced by an older one, whatever the overwrite policy."""
+    a newer event must never be replaced by an older one, whatever the overwrite policy. A
+    destination time after ``latest`` (the worker's clock plus the allowed skew) is ignored:
+    anyone who can write the destination could otherwise block every later event with a
+    far-future time."""
     if dst is None:
         return None
     dst_sha = dst.metadata.get(META_SHA256)
@@ -2769,7 +2829,7 @@ def plan_skip(
     ):
         return "already_applied"
     written_at = dst.metadata.get(META_EVENT_TIME)
-    if written_at and _newer(written_at, event.timestamp):
+    if written_at and _newer(written_at, event.timestamp, latest):
         return "stale_event"
     if overwrite == "never":
         return "never_overwrite"
@@ -2778,11 +2838,12 @@ def plan_skip(
     return None
 
 
-def _newer(written_at: str, event_time: dt.datetime) -> bool:
+def _newer(written_at: str, event_time: dt.datetime, latest: dt.datetime | None = None) -> bool:
     try:
-        return parse_time(written_at) > event_time
+        written = parse_time(written_at)
     except ValueError:
         return False
+    return written > event_time and (latest is None or written <= latest)
 
 
 class DigestSet:
@@ -2805,21 +2866,42 @@ class DigestSet:
         return {name: h.digest().hex() for name, h in self.hashers.items()}
 
 
-def hash_source(store: ObjectStore, ref: ObjectRef, info: ObjectInfo) -> str:
-    """A read-only pass over the source, for destinations that fix metadata at upload start."""
+def hash_source(
+    store: ObjectStore,
+    ref: ObjectRef,
+    info: ObjectInfo,
+    *,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> str:
+    """A read-only pass over the source, for destinations that fix metadata at upload start.
+    ``on_progress`` is called after every chunk, as in the copy itself, so a drain (which makes
+    it raise) stops this pass at the next chunk too."""
     digest = hashlib.sha256()
     with store.open_read(ref, info) as chunks:
         for chunk in chunks:
             digest.update(chunk)
+            on_progress(len(chunk))
     return digest.hexdigest()
 
 
 class TransferEngine:
     """One attempt at one transfer: plan, stream, hash, verify, then commit or abort."""
 
-    def __init__(self, stores: Mapping[str, ObjectStore], *, overwrite: str = "different") -> None:
+    def __init__(
+        self,
+        stores: Mapping[str, ObjectStore],
+        *,
+        overwrite: str = "different",
+        clock_skew: float = CLOCK_SKEW,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.stores = stores
         self.overwrite = overwrite
+        self.clock_skew, self.clock = clock_skew, clock
+
+    def _latest_event_time(self) -> dt.datetime:
+        """The newest destination event time believed: the worker's clock plus the skew."""
+        return dt.datetime.fromtimestamp(self.clock() + self.clock_skew, dt.UTC)
 
     def transfer(
         self, event: TransferEvent, *, on_progress: Callable[[int], None] = lambda n: None
@@ -2832,11 +2914,13 @@ class TransferEngine:
             )
         expected = event.checksum_sha256 or src_info.checksums.get("sha256")
         dst_info = dst.head(event.destination)
-        skip = plan_skip(event, dst_info, expected, self.overwrite)
+        skip = plan_skip(
+            event, dst_info, expected, self.overwrite, latest=self._latest_event_time()
+        )
         if skip:
             return TransferResult("skipped", sha256=expected, reason=skip)
         if expected is None and src_info.size > dst.late_metadata_limit:
-            expected = hash_source(src, event.source, src_info)
+            expected = hash_source(src, event.source, src_info, on_progress=on_progress)
         metadata = self._metadata(event, expected)
         content_type = event.content_type or src_info.content_type or "application/octet-stream"
         upload = dst.open_write(
@@ -3071,31 +3155,131 @@ def _reply(
     return [body]
 
 
+HTTP_THREADS = 4  # requests handled at once: probes and scrapes are tiny
+HTTP_WAITING = 64  # connections that sent nothing yet, beyond which the oldest is closed
+HTTP_TIMEOUT = 10.0  # seconds a client may take to send its request
+HTTP_QUEUED_PER_THREAD = 4  # requests that may wait for a busy handler, per handler thread
+
+
 def start_http_server(
     app: Callable[..., Iterable[bytes]],
     port: int,
     host: str = "127.0.0.1",
+    *,
+    threads: int = HTTP_THREADS,
+    waiting: int = HTTP_WAITING,
+    timeout: float = HTTP_TIMEOUT,
 ) -> tuple[Any, threading.Thread]:
-    """Serve ``app`` on a named daemon thread; one thread per request, so a slow or stuck client
-    never blocks the others, and a socket timeout so it cannot hold its thread for ever. Returns
-    the server (``server.shutdown()`` stops it) and the thread."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+    """Serve ``app`` on a named daemon thread. Returns the server (``server.shutdown()`` stops
+    it) and the thread. Threads are bounded whatever clients do: a connection waits for its
+    first byte in the serving thread's selector, costing no thread, and goes to one of
+    ``threads`` handlers only once it has something to read, so idle connections cannot keep
+    /health from answering. At most ``waiting`` idle connections are kept (the oldest is closed),
+    none past ``timeout``; a slow client holds a handler for ``timeout`` per read at most."""
 
     class Handler(WSGIRequestHandler):
-        timeout = 10  # seconds a client may take to send its request
-
         def log_message(self, format: str, *args: Any) -> None:
             pass  # access logs would drown the JSON event log
 
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    server = make_server(host, port, app, server_class=Server, handler_class=Handler)
+    Handler.timeout = timeout  # per read of a request: one class per server
+    server = make_server(host, port, app, server_class=_BoundedServer, handler_class=Handler)
+    server.bound(threads=threads, waiting=waiting, timeout=timeout)
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     return server, thread
+
+
+class _BoundedServer(WSGIServer):
+    """WSGIServer whose loop watches the listening socket and every connection not yet read: a
+    readable connection goes to a fixed set of handler threads (one request each, as before, but
+    never more threads than that; a few more requests may queue for them, past that one is
+    closed at once), an idle one costs a file descriptor until it times out."""
+
+    allow_reuse_address = True
+    request_queue_size = HTTP_WAITING  # the kernel's backlog: a burst is not refused (default 5)
+
+    def bound(self, *, threads: int, waiting: int, timeout: float) -> None:
+        self.ready: queue_module.Queue[tuple[socket.socket, Any] | None] = queue_module.Queue(
+            HTTP_QUEUED_PER_THREAD * threads
+        )
+        self.waiting_limit, self.idle_timeout = waiting, timeout
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.socket, selectors.EVENT_READ)
+        self.waiting: dict[socket.socket, tuple[float, Any]] = {}  # oldest first
+        self.stopping, self.stopped = threading.Event(), threading.Event()
+        # Daemon threads: a handler stuck on a slow client must not hold up the process's exit.
+        self.handlers = [
+            threading.Thread(target=self._handle_ready, name=f"http-handler-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for handler in self.handlers:
+            handler.start()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        try:
+            while not self.stopping.is_set():
+                for key, _ in self.selector.select(poll_interval):
+                    if key.fileobj is self.socket:
+                        self._accept()
+                    else:
+                        self._dispatch(key.fileobj)  # type: ignore[arg-type]
+                self._expire(time.monotonic())
+        finally:
+            self.stopped.set()
+
+    def _accept(self) -> None:
+        try:
+            conn, address = self.socket.accept()
+        except OSError:
+            return  # the client went away between the poll and the accept
+        if len(self.waiting) >= self.waiting_limit:
+            self._drop(next(iter(self.waiting)))
+        self.waiting[conn] = (time.monotonic() + self.idle_timeout, address)
+        self.selector.register(conn, selectors.EVENT_READ)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        _, address = self.waiting.pop(conn)
+        self.selector.unregister(conn)
+        try:
+            self.ready.put_nowait((conn, address))
+        except queue_module.Full:
+            self.shutdown_request(conn)  # every handler busy and a queue behind them: refused
+
+    def _handle_ready(self) -> None:
+        while (item := self.ready.get()) is not None:
+            conn, address = item
+            try:
+                self.finish_request(conn, address)
+            except Exception:  # noqa: BLE001 - socketserver's contract: report it, serve on
+                self.handle_error(conn, address)
+            finally:
+                self.shutdown_request(conn)
+
+    def _expire(self, now: float) -> None:
+        for conn, (deadline, _) in list(self.waiting.items()):
+            if deadline > now:
+                break  # the rest came later
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        del self.waiting[conn]
+        self.selector.unregister(conn)
+        self.shutdown_request(conn)
+
+    def shutdown(self) -> None:
+        """Stop the loop (within its poll interval), the handlers once their request is done,
+        and close every socket not handed to one."""
+        self.stopping.set()
+        self.stopped.wait()
+        for conn in list(self.waiting):
+            self._drop(conn)
+        with contextlib.suppress(queue_module.Empty):
+            while item := self.ready.get_nowait():
+                self.shutdown_request(item[0])
+        for _ in self.handlers:  # the queue holds at least one per handler, and is empty now
+            self.ready.put_nowait(None)
+        self.selector.close()
+        self.server_close()
 
 
 # =================================================================================================
@@ -3351,7 +3535,7 @@ class Worker:
     def _check_allowed(self, event: TransferEvent) -> None:
         allowed = self.config.allowlist
         for ref in (event.source, event.destination):
-            if allowed and (ref.provider, ref.bucket) not in allowed:
+            if allowed is not None and (ref.provider, ref.bucket) not in allowed:
                 raise PermanentError(
                     f"bucket {ref.provider}:{ref.bucket} is not in --allowed-buckets",
                     reason="forbidden",
@@ -3822,7 +4006,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     worker = Worker(
         config,
         queue,
-        TransferEngine(stores, overwrite=config.overwrite),
+        TransferEngine(stores, overwrite=config.overwrite, clock_skew=config.clock_skew),
         metrics,
         log,
         readiness=readiness,
