@@ -1724,8 +1724,12 @@ class S3Store:
         concurrency: int = 8,
         window: int = UPLOAD_WINDOW,
         clients: AwsClients | None = None,
+        stale_after: float = 300.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.part_size, self.chunk_size, self.window = part_size, chunk_size, window
+        # An upload idle this long belongs to a dead delivery: the visibility timeout.
+        self.stale_after, self.clock = stale_after, clock
         # Metadata of a multipart upload is fixed by CreateMultipartUpload.
         self.late_metadata_limit = part_size
         self.clients = clients or AwsClients(pool=max(10, concurrency * (window + 1)))
@@ -1739,6 +1743,7 @@ class S3Store:
             concurrency=config.concurrency,
             window=window,
             clients=clients.aws(pool=max(10, config.concurrency * (window + 1))),
+            stale_after=config.visibility_timeout,
         )
 
     def client(self, ref: ObjectRef) -> Any:
@@ -1820,28 +1825,46 @@ class S3Store:
             self.clients.get("sts").get_caller_identity()
 
     def abort_stale_uploads(self, ref: ObjectRef, keep: str | None = None) -> int:
-        """Abort multipart uploads of exactly this key (except ``keep``) that a killed worker
-        or a create whose answer was lost left behind. A concurrent upload of the same key by
-        another worker is aborted too: it fails with NoSuchUpload, is retried, and finds the
-        object already written (a skip). Without s3:ListBucketMultipartUploads this is skipped;
-        a bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net either way."""
+        """Abort multipart uploads of exactly this key (except ``keep``) that provably belong to
+        dead deliveries: a killed worker's, or a create whose answer was lost. An upload is dead
+        when its latest activity (Initiated, its newest part) is older than the visibility
+        timeout: a live delivery sends a part at least every read timeout, and a dead one's
+        lease has lapsed by then. Younger uploads may be another delivery's (a redelivery, a
+        second event for the key) and are left alone: aborting them made two deliveries abort
+        each other on every attempt until one was dead-lettered. ListMultipartUploads shows no
+        metadata, so time is all there is. Without s3:ListBucketMultipartUploads this is
+        skipped; a bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net."""
         client, aborted = self.client(ref), 0
         try:
             with _translated(aws_error, "destination"):
-                pages = client.get_paginator("list_multipart_uploads").paginate(
-                    Bucket=ref.bucket, Prefix=ref.key
-                )
-                for page in pages:
-                    for upload in page.get("Uploads", []):
-                        if upload["Key"] == ref.key and upload["UploadId"] != keep:
-                            client.abort_multipart_upload(
-                                Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
-                            )
-                            aborted += 1
+                for upload in self._uploads_of(client, ref):
+                    if upload["UploadId"] != keep and self._dead(client, ref, upload):
+                        client.abort_multipart_upload(
+                            Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+                        )
+                        aborted += 1
         except PermanentError as exc:
             if exc.reason != "access_denied":
                 raise
         return aborted
+
+    @staticmethod
+    def _uploads_of(client: Any, ref: ObjectRef) -> Iterator[Mapping[str, Any]]:
+        pages = client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=ref.bucket, Prefix=ref.key
+        )
+        for page in pages:
+            yield from (u for u in page.get("Uploads", []) if u["Key"] == ref.key)
+
+    def _dead(self, client: Any, ref: ObjectRef, upload: Mapping[str, Any]) -> bool:
+        """No activity on ``upload`` for longer than ``stale_after``, by the worker's clock."""
+        pages = client.get_paginator("list_parts").paginate(
+            Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+        )
+        times = [upload["Initiated"]]
+        for page in pages:
+            times += [part["LastModified"] for part in page.get("Parts", [])]
+        return self.clock() - max(t.timestamp() for t in times) > self.stale_after
 
 
 def _s3_checksums(response: Mapping[str, Any]) -> dict[str, str]:
@@ -1925,11 +1948,12 @@ class S3Upload:
                     ChecksumAlgorithm="SHA256",
                 )
         except TransferError:
-            self._abort_others(keep=None)  # S3 may have made the upload and lost the answer
+            self._abort_others(keep=None)  # dead deliveries' uploads; a lost create's is young
             raise
         self.upload_id = response["UploadId"]
-        # After the create, not before: when an answer is lost, botocore sends the create again
-        # and S3 makes a second upload; the first is found here (the faults campaign left five).
+        # Uploads of this key that dead deliveries left. When a create's answer is lost, botocore
+        # sends it again and S3 makes a second upload; that first one is young here, and goes
+        # once it is old: at a later transfer of the key, or the event's retries_exhausted.
         self._abort_others(keep=self.upload_id)
         self.executor = ThreadPoolExecutor(self.store.window, thread_name_prefix="s3-part")
 
@@ -2010,6 +2034,9 @@ class S3Upload:
             self._put(metadata)
         else:
             self._complete()
+            # A killed delivery's upload was often still too young to be provably dead when
+            # this one was created (its lease had just lapsed); by now it may be.
+            self._abort_others(keep=self.upload_id)
         self.finished = True
 
     def _put(self, metadata: Mapping[str, str]) -> None:

@@ -9,6 +9,7 @@ import datetime as dt
 import gc
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -151,23 +152,27 @@ def test_idle_connections_are_closed_after_the_timeout():
 
 class FakeS3:
     """Stands in for a boto3 S3 client at the Python level: keeps multipart uploads in memory
-    and records every call; ``fail_part`` makes that part number fail once."""
+    with the times S3 reports (Initiated, each part's LastModified, from ``now``), and records
+    every call; ``fail_part`` makes that part number fail."""
 
-    def __init__(self, fail_part: int | None = None) -> None:
+    def __init__(self, fail_part: int | None = None, now: Any = time.time) -> None:
         self.calls: list[str] = []
-        self.parts: dict[str, dict[int, bytes]] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}  # id -> key, initiated, parts
         self.completed: dict[str, bytes] = {}
-        self.fail_part = fail_part
+        self.fail_part, self.now = fail_part, now
         self.lock = threading.Lock()
 
     def _record(self, name: str) -> None:
         with self.lock:
             self.calls.append(name)
 
+    def _time(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.now(), dt.UTC)
+
     def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         self._record("create_multipart_upload")
         upload_id = uuid.uuid4().hex
-        self.parts[upload_id] = {}
+        self.uploads[upload_id] = {"key": kwargs["Key"], "initiated": self._time(), "parts": {}}
         return {"UploadId": upload_id}
 
     def upload_part(self, **kwargs: Any) -> dict[str, Any]:
@@ -176,31 +181,48 @@ class FakeS3:
             raise tw.PermanentError("part refused", reason="access_denied")
         data = bytes(kwargs["Body"])
         with self.lock:
-            self.parts[kwargs["UploadId"]][kwargs["PartNumber"]] = data
+            parts = self.uploads[kwargs["UploadId"]]["parts"]
+            parts[kwargs["PartNumber"]] = (data, self._time())
         return {"ETag": hashlib.md5(data, usedforsecurity=False).hexdigest()}
 
     def complete_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         self._record("complete_multipart_upload")
-        parts = self.parts.pop(kwargs["UploadId"])
+        parts = self.uploads.pop(kwargs["UploadId"])["parts"]
         numbers = [p["PartNumber"] for p in kwargs["MultipartUpload"]["Parts"]]
-        self.completed[kwargs["Key"]] = b"".join(parts[n] for n in numbers)
+        self.completed[kwargs["Key"]] = b"".join(parts[n][0] for n in numbers)
         return {}
 
     def abort_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
         self._record("abort_multipart_upload")
-        self.parts.pop(kwargs["UploadId"], None)
+        del self.uploads[kwargs["UploadId"]]
         return {}
 
     def get_paginator(self, name: str) -> Any:
         self._record(name)
-        fake = self
+        return FakePages(getattr(self, f"_{name}_page"))
 
-        class Pages:
-            def paginate(self, **kwargs: Any) -> list[dict[str, Any]]:
-                uploads = [{"Key": kwargs["Prefix"], "UploadId": u} for u in fake.parts]
-                return [{"Uploads": uploads}]
+    def _list_multipart_uploads_page(self, **kwargs: Any) -> dict[str, Any]:
+        return {
+            "Uploads": [
+                {"Key": u["key"], "UploadId": upload_id, "Initiated": u["initiated"]}
+                for upload_id, u in self.uploads.items()
+                if u["key"].startswith(kwargs["Prefix"])
+            ]
+        }
 
-        return Pages()
+    def _list_parts_page(self, **kwargs: Any) -> dict[str, Any]:
+        parts = self.uploads[kwargs["UploadId"]]["parts"]
+        return {"Parts": [{"PartNumber": n, "LastModified": t} for n, (_, t) in parts.items()]}
+
+
+class FakePages:
+    """A paginator of one page."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+
+    def paginate(self, **kwargs: Any) -> list[dict[str, Any]]:
+        return [self.page(**kwargs)]
 
 
 class FakeClients:
@@ -380,3 +402,107 @@ def test_a_destination_time_within_the_skew_still_wins(root: Path, stores):
 def test_the_clock_skew_is_a_setting():
     args = tw.build_parser().parse_args(["run", "--clock-skew", "30"])
     assert tw.config_from_args(args).clock_skew == 30
+
+
+# -- S3: abort only the uploads of dead deliveries ------------------------------------------------
+
+
+class Clock:
+    """A clock tests move by hand."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_only_uploads_idle_past_the_visibility_timeout_are_aborted():
+    clock = Clock()
+    fake = FakeS3(now=clock)
+    key = "out/object"
+
+    def create(at: float, *, part_at: float | None = None, name: str = key) -> str:
+        clock.now = at
+        upload_id = fake.create_multipart_upload(Key=name)["UploadId"]
+        if part_at is not None:
+            clock.now = part_at
+            fake.upload_part(UploadId=upload_id, PartNumber=1, Body=b"p")
+        return upload_id
+
+    young = create(1000.0)  # a redelivery that has just started
+    busy = create(0.0, part_at=990.0)  # created long ago, still sending parts
+    dead = create(0.0, part_at=600.0)  # its last part was 400 s ago
+    other_key = create(0.0, name=key + ".other")
+    clock.now = 1000.0
+    store = tw.S3Store(clients=FakeClients(fake), stale_after=300, clock=clock)  # type: ignore[arg-type]
+    assert store.abort_stale_uploads(tw.ObjectRef("aws_s3", "bucket", key)) == 1
+    assert set(fake.uploads) == {young, busy, other_key}
+    assert dead not in fake.uploads
+
+
+class LosingCreates(FakeS3):
+    """CreateMultipartUpload whose first answer is lost: botocore sends it again and S3 makes a
+    second upload; the caller only ever hears of the second."""
+
+    def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
+        super().create_multipart_upload(**kwargs)  # the upload whose answer was lost
+        return super().create_multipart_upload(**kwargs)
+
+
+def test_a_lost_create_upload_is_aborted_once_it_is_old_not_before():
+    """Right after the create, the lost create's upload cannot be told from another live
+    delivery's, so it stays; a visibility timeout later, the next transfer of the key or the
+    event's retries_exhausted path aborts it."""
+    clock = Clock()
+    fake = LosingCreates(now=clock)
+    store = tw.S3Store(part_size=16, clients=FakeClients(fake), stale_after=300, clock=clock)  # type: ignore[arg-type]
+    ref = tw.ObjectRef("aws_s3", "bucket", "out/created-twice")
+    upload = store.open_write(ref, size=48, content_type="x/y", metadata={})
+    upload.part_size = 16
+    upload.write(b"a" * 48)
+    upload.commit({})
+    assert fake.completed[ref.key] == b"a" * 48
+    assert len(fake.uploads) == 1  # the lost create's: young, left alone
+    clock.now += 301
+    assert store.abort_stale_uploads(ref) == 1  # what retries_exhausted or the next transfer does
+    assert fake.uploads == {}
+
+
+def test_two_live_uploads_of_one_key_do_not_abort_each_other(aws_env: str):
+    """Two deliveries of one key (a redelivery after a lapsed lease, or two events) at once, on
+    moto: each creates its upload, sends parts in turn and commits; neither aborts the other
+    (before, each create aborted the other's upload, on every attempt), and the object is the
+    one committed last. moto reports every upload as Initiated 2010-11-10, so a part-less
+    upload looks idle there: each upload has a part at S3 before the other's create or commit
+    looks (with real Initiated times, test_only_uploads_idle_past... covers a part-less one)."""
+    import boto3
+
+    from conftest import wait_for
+
+    s3 = boto3.client("s3")
+    bucket = f"two-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    store = tw.S3Store(part_size=5 * MiB, clients=tw.AwsClients(pool=8))
+    ref = tw.ObjectRef("aws_s3", bucket, "same/key.bin")
+    size = 11 * MiB  # parts of 5, 5 and 1 MiB
+    first, second = (os.urandom(size) for _ in range(2))
+
+    def parts_at_s3(upload: tw.S3Upload) -> int:
+        listed = s3.list_parts(Bucket=bucket, Key=ref.key, UploadId=upload.upload_id)
+        return len(listed.get("Parts", []))
+
+    a = store.open_write(ref, size=size, content_type="x/y", metadata={})
+    a.write(first[: 5 * MiB])
+    wait_for(lambda: parts_at_s3(a) == 1, 30, message="a's first part")
+    b = store.open_write(ref, size=size, content_type="x/y", metadata={})
+    b.write(second[: 5 * MiB])
+    a.write(first[5 * MiB : 10 * MiB])
+    b.write(second[5 * MiB : 10 * MiB])
+    wait_for(lambda: parts_at_s3(b) == 2, 30, message="b's second part")
+    a.write(first[10 * MiB :])
+    b.write(second[10 * MiB :])
+    a.commit({})
+    b.commit({})
+    assert s3.get_object(Bucket=bucket, Key=ref.key)["Body"].read() == second
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
