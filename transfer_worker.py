@@ -35,6 +35,7 @@ import datetime as dt
 import functools
 import hashlib
 import http.client
+import io
 import json
 import os
 import queue as queue_module
@@ -3183,9 +3184,10 @@ def _reply(
 
 
 HTTP_THREADS = 4  # requests handled at once: probes and scrapes are tiny
-HTTP_WAITING = 64  # connections that sent nothing yet, beyond which the oldest is closed
-HTTP_TIMEOUT = 10.0  # seconds a client may take to send its request
+HTTP_WAITING = 64  # connections whose request head is not complete yet; past that, oldest closed
+HTTP_TIMEOUT = 10.0  # seconds a client may take to send its request head
 HTTP_QUEUED_PER_THREAD = 4  # requests that may wait for a busy handler, per handler thread
+HTTP_MAX_HEAD = 65537 + 8192  # read ahead at most: the handler refuses a longer line with 414
 
 
 def start_http_server(
@@ -3198,17 +3200,24 @@ def start_http_server(
     timeout: float = HTTP_TIMEOUT,
 ) -> tuple[Any, threading.Thread]:
     """Serve ``app`` on a named daemon thread. Returns the server (``server.shutdown()`` stops
-    it) and the thread. Threads are bounded whatever clients do: a connection waits for its
-    first byte in the serving thread's selector, costing no thread, and goes to one of
-    ``threads`` handlers only once it has something to read, so idle connections cannot keep
-    /health from answering. At most ``waiting`` idle connections are kept (the oldest is closed),
-    none past ``timeout``; a slow client holds a handler for ``timeout`` per read at most."""
+    it) and the thread. Threads are bounded whatever clients do: the serving thread reads each
+    request head (up to the blank line) without blocking, and only a complete one goes to one of
+    ``threads`` handlers, which never wait for the client to send; so neither idle nor slow
+    clients can keep /health from answering. At most ``waiting`` incomplete heads are kept (the
+    oldest is closed), none past ``timeout`` seconds."""
 
     class Handler(WSGIRequestHandler):
+        def setup(self) -> None:
+            super().setup()
+            # The head the serving thread read; our endpoints read no body.
+            self.rfile.close()
+            heads = self.server.heads  # type: ignore[attr-defined] # a _BoundedServer
+            self.rfile = io.BytesIO(heads.pop(self.connection, b""))
+
         def log_message(self, format: str, *args: Any) -> None:
             pass  # access logs would drown the JSON event log
 
-    Handler.timeout = timeout  # per read of a request: one class per server
+    Handler.timeout = timeout  # for writing the answer: one class per server
     server = make_server(host, port, app, server_class=_BoundedServer, handler_class=Handler)
     server.bound(threads=threads, waiting=waiting, timeout=timeout)
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
@@ -3217,10 +3226,10 @@ def start_http_server(
 
 
 class _BoundedServer(WSGIServer):
-    """WSGIServer whose loop watches the listening socket and every connection not yet read: a
-    readable connection goes to a fixed set of handler threads (one request each, as before, but
-    never more threads than that; a few more requests may queue for them, past that one is
-    closed at once), an idle one costs a file descriptor until it times out."""
+    """WSGIServer whose loop watches the listening socket and every connection whose request
+    head is still arriving, reading what each sends as it comes; a complete head goes to a
+    fixed set of handler threads (a few more may queue for them; past that, the connection is
+    closed at once). A waiting connection costs a file descriptor and its bytes, no thread."""
 
     allow_reuse_address = True
     request_queue_size = HTTP_WAITING  # the kernel's backlog: a burst is not refused (default 5)
@@ -3229,12 +3238,13 @@ class _BoundedServer(WSGIServer):
         self.ready: queue_module.Queue[tuple[socket.socket, Any] | None] = queue_module.Queue(
             HTTP_QUEUED_PER_THREAD * threads
         )
-        self.waiting_limit, self.idle_timeout = waiting, timeout
+        self.waiting_limit, self.head_timeout = waiting, timeout
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.socket, selectors.EVENT_READ)
         self.waiting: dict[socket.socket, tuple[float, Any]] = {}  # oldest first
+        self.heads: dict[socket.socket, bytes] = {}  # read so far; complete ones for handlers
         self.stopping, self.stopped = threading.Event(), threading.Event()
-        # Daemon threads: a handler stuck on a slow client must not hold up the process's exit.
+        # Daemon threads: a handler stuck writing to a client must not hold up the exit.
         self.handlers = [
             threading.Thread(target=self._handle_ready, name=f"http-handler-{n}", daemon=True)
             for n in range(threads)
@@ -3249,7 +3259,7 @@ class _BoundedServer(WSGIServer):
                     if key.fileobj is self.socket:
                         self._accept()
                     else:
-                        self._dispatch(key.fileobj)  # type: ignore[arg-type]
+                        self._read(key.fileobj)  # type: ignore[arg-type]
                 self._expire(time.monotonic())
         finally:
             self.stopped.set()
@@ -3261,8 +3271,24 @@ class _BoundedServer(WSGIServer):
             return  # the client went away between the poll and the accept
         if len(self.waiting) >= self.waiting_limit:
             self._drop(next(iter(self.waiting)))
-        self.waiting[conn] = (time.monotonic() + self.idle_timeout, address)
+        conn.setblocking(False)
+        self.waiting[conn] = (time.monotonic() + self.head_timeout, address)
+        self.heads[conn] = b""
         self.selector.register(conn, selectors.EVENT_READ)
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(16384)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)  # closed before its request was complete
+            return
+        head = self.heads[conn] = self.heads[conn] + data
+        if b"\r\n\r\n" in head or len(head) > HTTP_MAX_HEAD:
+            self._dispatch(conn)
 
     def _dispatch(self, conn: socket.socket) -> None:
         _, address = self.waiting.pop(conn)
@@ -3270,6 +3296,7 @@ class _BoundedServer(WSGIServer):
         try:
             self.ready.put_nowait((conn, address))
         except queue_module.Full:
+            self.heads.pop(conn, None)
             self.shutdown_request(conn)  # every handler busy and a queue behind them: refused
 
     def _handle_ready(self) -> None:
@@ -3280,6 +3307,7 @@ class _BoundedServer(WSGIServer):
             except Exception:  # noqa: BLE001 - socketserver's contract: report it, serve on
                 self.handle_error(conn, address)
             finally:
+                self.heads.pop(conn, None)
                 self.shutdown_request(conn)
 
     def _expire(self, now: float) -> None:
@@ -3290,6 +3318,7 @@ class _BoundedServer(WSGIServer):
 
     def _drop(self, conn: socket.socket) -> None:
         del self.waiting[conn]
+        self.heads.pop(conn, None)
         self.selector.unregister(conn)
         self.shutdown_request(conn)
 

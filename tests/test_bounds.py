@@ -112,16 +112,16 @@ def get(port: int, path: str, timeout: float) -> bytes:
         return response.read()
 
 
-def test_idle_connections_neither_take_threads_nor_block_health():
+def test_idle_and_slow_connections_neither_take_threads_nor_block_health():
     before = len(http_threads())
     app = tw.make_wsgi_app(tw.Metrics(), tw.Readiness({}))
     server, thread = tw.start_http_server(app, 0, threads=3, timeout=2.0)
     port = server.server_address[1]
     idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
-    slow = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
     try:
-        for sock in slow:  # these hold a handler each until their 2 s timeout
-            sock.sendall(b"GET /hea")
+        for sock in slow:  # a head that never ends: read as it comes, by no handler thread
+            sock.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")
         started = time.monotonic()
         assert get(port, "/health", timeout=5) == b"ok\n"
         assert time.monotonic() - started < 2.0  # within the socket timeout, not after it
@@ -134,13 +134,16 @@ def test_idle_connections_neither_take_threads_nor_block_health():
     assert not thread.is_alive()
 
 
-def test_idle_connections_are_closed_after_the_timeout():
+def test_a_request_head_not_complete_in_time_is_closed():
     app = tw.make_wsgi_app(tw.Metrics(), tw.Readiness({}))
     server, thread = tw.start_http_server(app, 0, threads=1, timeout=0.5)
     port = server.server_address[1]
     try:
         idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"GET /health HTTP/1.1\r\n")
         assert idle.recv(16) == b""  # closed by the server, well before our 5 s
+        assert slow.recv(16) == b""
         assert get(port, "/health", timeout=5) == b"ok\n"
     finally:
         server.shutdown()
