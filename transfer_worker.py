@@ -1839,10 +1839,7 @@ class S3Store:
         try:
             with _translated(aws_error, "destination"):
                 for upload in self._uploads_of(client, ref):
-                    if upload["UploadId"] != keep and self._dead(client, ref, upload):
-                        client.abort_multipart_upload(
-                            Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
-                        )
+                    if upload["UploadId"] != keep and self._abort_if_dead(client, ref, upload):
                         aborted += 1
         except PermanentError as exc:
             if exc.reason != "access_denied":
@@ -1856,6 +1853,17 @@ class S3Store:
         )
         for page in pages:
             yield from (u for u in page.get("Uploads", []) if u["Key"] == ref.key)
+
+    def _abort_if_dead(self, client: Any, ref: ObjectRef, upload: Mapping[str, Any]) -> bool:
+        try:
+            if not self._dead(client, ref, upload):
+                return False
+            client.abort_multipart_upload(
+                Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+            )
+        except client.exceptions.NoSuchUpload:
+            return False  # its delivery completed or aborted it since the listing
+        return True
 
     def _dead(self, client: Any, ref: ObjectRef, upload: Mapping[str, Any]) -> bool:
         """No activity on ``upload`` for longer than ``stale_after``, by the worker's clock."""

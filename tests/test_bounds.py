@@ -509,3 +509,43 @@ def test_two_live_uploads_of_one_key_do_not_abort_each_other(aws_env: str):
     b.commit({})
     assert s3.get_object(Bucket=bucket, Key=ref.key)["Body"].read() == second
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+class RacingClient:
+    """A real boto3 S3 client whose first ListParts finds its upload just finished by its own
+    delivery (aborted here, as a completion would remove it too)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.raced = client, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def get_paginator(self, name: str) -> Any:
+        paginator = self.client.get_paginator(name)
+        if name != "list_parts" or self.raced:
+            return paginator
+        self.raced = True
+        client = self.client
+
+        class Racing:
+            def paginate(self, **kwargs: Any) -> Any:
+                client.abort_multipart_upload(
+                    Bucket=kwargs["Bucket"], Key=kwargs["Key"], UploadId=kwargs["UploadId"]
+                )
+                return paginator.paginate(**kwargs)
+
+        return Racing()
+
+
+def test_an_upload_gone_during_the_sweep_does_not_stop_it(aws_env: str):
+    import boto3
+
+    s3 = boto3.client("s3")
+    bucket = f"race-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    for _ in range(2):  # both idle since "2010" on moto: dead
+        s3.create_multipart_upload(Bucket=bucket, Key="k")
+    store = tw.S3Store(clients=FakeClients(RacingClient(s3)))  # type: ignore[arg-type]
+    assert store.abort_stale_uploads(tw.ObjectRef("aws_s3", bucket, "k")) == 1
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
