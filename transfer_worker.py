@@ -182,10 +182,11 @@ class Config:
             return None
         return frozenset(tuple(pair.split(":", 1)) for pair in pairs)  # type: ignore[misc]
 
-    def validate(self) -> None:
-        """Reject combinations argparse cannot see, naming the setting to fix."""
+    def validate(self, *, running: bool = True) -> None:
+        """Reject combinations argparse cannot see, naming the setting to fix. The allowlist is
+        required only to ``run`` in cloud mode: submit, validate and dlq touch no bucket."""
         items = [p.strip() for p in self.allowed_buckets.split(",") if p.strip()]
-        if self.storage == "cloud" and not items:
+        if running and self.storage == "cloud" and not items:
             raise ValueError(
                 "--storage cloud needs --allowed-buckets (TRANSFER_WORKER_ALLOWED_BUCKETS): "
                 "a comma-separated list of provider:bucket, or '*' to allow every bucket"
@@ -3948,7 +3949,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Config:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     config = Config(**values)
-    config.validate()
+    config.validate(running=args.command == "run")
     return config
 
 

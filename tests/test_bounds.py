@@ -368,6 +368,19 @@ def test_an_unvalidated_cloud_config_forbids_every_bucket(root: Path):
     assert caught.value.reason == "forbidden"
 
 
+def test_commands_that_touch_no_bucket_need_no_allowlist(tmp_path: Path):
+    doc = {
+        "schemaVersion": "1.0.0",
+        "eventId": str(uuid.uuid4()),
+        "correlationId": str(uuid.uuid4()),
+        "timestamp": "2024-06-01T00:00:00Z",
+        "source": {"provider": "aws_s3", "bucket": "source-bucket", "key": "k"},
+        "destination": {"provider": "gcp_gcs", "bucket": "dest-bucket", "key": "k"},
+    }
+    (tmp_path / "event.json").write_text(json.dumps(doc))
+    assert tw.main(["validate", str(tmp_path / "event.json"), "--storage", "cloud"]) == 0
+
+
 # -- 6. a destination's event time from the far future is not believed ----------------------------
 
 NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
