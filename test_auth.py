@@ -836,6 +836,7 @@ def test_cli_gcp_to_aws_transfer_with_no_key_in_any_file_or_variable(
         GOOGLE_CLOUD_PROJECT="test-project",
         TRANSFER_WORKER_AWS_ROLE_ARN=ROLE,
         TRANSFER_WORKER_STORAGE="cloud",
+        TRANSFER_WORKER_ALLOWED_BUCKETS="aws_s3:wif-source-bucket,gcp_gcs:wif-dest-bucket",
         TRANSFER_WORKER_LOCAL_ROOT=str(tmp_path),
         TRANSFER_WORKER_HTTP_PORT="0",
     )
@@ -911,6 +912,7 @@ def test_cli_aws_to_gcp_transfer_with_no_key_in_any_file_or_variable(
         GOOGLE_APPLICATION_CREDENTIALS=str(credentials_file),
         GOOGLE_CLOUD_PROJECT="test-project",
         TRANSFER_WORKER_STORAGE="cloud",
+        TRANSFER_WORKER_ALLOWED_BUCKETS="aws_s3:wif-s3-source,gcp_gcs:wif-gcs-dest",
         TRANSFER_WORKER_LOCAL_ROOT=str(tmp_path),
         TRANSFER_WORKER_HTTP_PORT="0",
     )

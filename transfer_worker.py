@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import contextvars
 import ctypes
@@ -34,10 +35,12 @@ import datetime as dt
 import functools
 import hashlib
 import http.client
+import io
 import json
 import os
 import queue as queue_module
 import re
+import selectors
 import signal
 import socket
 import sqlite3
@@ -59,6 +62,7 @@ from collections.abc import (
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, TextIO
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import jsonschema
 import structlog
@@ -80,6 +84,7 @@ SCHEMA_PATH = Path(__file__).with_name("event_schema.json")
 SUPPORTED_SCHEMA_MAJOR = 1
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's lower bound for every multipart part but the last
+DEFAULT_CLOCK_SKEW = 300  # --clock-skew: NTP keeps clocks far closer; 5 minutes is generous
 PROVIDERS = ("aws_s3", "gcp_gcs")
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 OVERWRITE_POLICIES = ("different", "never", "always")
@@ -135,7 +140,11 @@ class Config:
     log_level: str = _setting(
         "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
-    allowed_buckets: str = _setting("", "comma-separated provider:bucket allowlist (empty: all)")
+    allowed_buckets: str = _setting(
+        "",
+        "comma-separated provider:bucket allowlist, or '*' for every bucket "
+        "(empty: every bucket in local mode; required in cloud mode)",
+    )
     visibility_timeout: int = _setting(
         300,
         "seconds a received message stays hidden; extended "
@@ -156,16 +165,35 @@ class Config:
     max_message_bytes: int = _setting(
         256 * 1024, "larger message bodies are dead-lettered", minimum=1024
     )
+    clock_skew: int = _setting(
+        DEFAULT_CLOCK_SKEW,
+        "seconds a destination's transfer-event-time may lie ahead of this worker's clock; "
+        "a later one is ignored (it cannot block newer events)",
+        minimum=0,
+    )
 
     @property
-    def allowlist(self) -> frozenset[tuple[str, str]]:
-        """The allowed (provider, bucket) pairs; empty means every bucket is allowed."""
+    def allowlist(self) -> frozenset[tuple[str, str]] | None:
+        """The allowed (provider, bucket) pairs; None means every bucket. Deny by default in
+        cloud mode: there an empty setting allows nothing (and validate() refuses it), since
+        whoever can publish an event would otherwise choose any bucket the credentials reach."""
         pairs = [item.strip() for item in self.allowed_buckets.split(",") if item.strip()]
+        if pairs == ["*"] or (not pairs and self.storage == "local"):
+            return None
         return frozenset(tuple(pair.split(":", 1)) for pair in pairs)  # type: ignore[misc]
 
-    def validate(self) -> None:
-        """Reject combinations argparse cannot see, naming the setting to fix."""
-        for item in filter(None, (p.strip() for p in self.allowed_buckets.split(","))):
+    def validate(self, *, running: bool = True) -> None:
+        """Reject combinations argparse cannot see, naming the setting to fix. The allowlist is
+        required only to ``run`` in cloud mode: submit, validate and dlq touch no bucket."""
+        items = [p.strip() for p in self.allowed_buckets.split(",") if p.strip()]
+        if running and self.storage == "cloud" and not items:
+            raise ValueError(
+                "--storage cloud needs --allowed-buckets (TRANSFER_WORKER_ALLOWED_BUCKETS): "
+                "a comma-separated list of provider:bucket, or '*' to allow every bucket"
+            )
+        for item in items:
+            if item == "*" and len(items) == 1:
+                continue
             provider, _, bucket = item.partition(":")
             if provider not in PROVIDERS or not bucket:
                 raise ValueError(
@@ -1487,6 +1515,9 @@ READ_TIMEOUT = 120.0  # seconds without a byte from a cloud API before the attem
 UPLOAD_WINDOW = 2  # default of --upload-window
 GCS_QUANTUM = 256 * 1024  # resumable upload chunks are multiples of this
 S3_MAX_PARTS = 10_000  # parts in one S3 multipart upload
+# Events choose the region, so clients are cached least-recently-used: one boto3 client costs
+# about 0.35 MiB (300 regions cached for ever: 106 MiB), and 16 cover any real deployment.
+AWS_CLIENT_CACHE = 16
 
 # Reasons of RetryableError, bounded: they label retry_count_total.
 THROTTLED, UNAVAILABLE, NETWORK, TIMEOUT, CREDENTIALS = (
@@ -1759,28 +1790,43 @@ def _aws_config(pool: int) -> Any:
 
 
 class AwsClients:
-    """boto3 clients built once per (service, region) and shared by every thread (botocore
-    clients are thread-safe; the session that builds them is not, hence the lock). Endpoints come
-    from the SDK's own settings (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, ...)."""
+    """boto3 clients per (service, region), shared by every thread (botocore clients are
+    thread-safe; the session that builds them is not, hence the lock). Endpoints come from the
+    SDK's own settings (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, ...).
 
-    def __init__(self, *, pool: int, endpoint_url: str | None = None, session: Any = None) -> None:
+    At most ``size`` clients are kept, least recently used first out, since an event names any
+    region it likes. An evicted client is dropped, not closed: a transfer that took it still
+    holds it and keeps using its connections; it is freed with the last reference."""
+
+    def __init__(
+        self,
+        *,
+        pool: int,
+        endpoint_url: str | None = None,
+        session: Any = None,
+        size: int = AWS_CLIENT_CACHE,
+    ) -> None:
         import boto3
 
         self.session = session or boto3.session.Session()
         self.config = _aws_config(pool)
         self.endpoint_url = endpoint_url
-        self._clients: dict[tuple[str, str | None], Any] = {}
+        self.size = size
+        self._clients: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, service: str, region: str | None = None) -> Any:
-        region = region or self.session.region_name or "us-east-1"
+        key = (service, region or self.session.region_name or "us-east-1")
         with self._lock:
-            client = self._clients.get((service, region))
+            client = self._clients.get(key)
             if client is None:
                 client = self.session.client(
-                    service, region_name=region, config=self.config, endpoint_url=self.endpoint_url
+                    service, region_name=key[1], config=self.config, endpoint_url=self.endpoint_url
                 )
-                self._clients[(service, region)] = client
+                self._clients[key] = client
+                while len(self._clients) > self.size:
+                    self._clients.popitem(last=False)
+            self._clients.move_to_end(key)
             return client
 
 
@@ -1828,8 +1874,12 @@ class S3Store:
         concurrency: int = 8,
         window: int = UPLOAD_WINDOW,
         clients: AwsClients | None = None,
+        stale_after: float = 300.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.part_size, self.chunk_size, self.window = part_size, chunk_size, window
+        # An upload idle this long belongs to a dead delivery: the visibility timeout.
+        self.stale_after, self.clock = stale_after, clock
         # Metadata of a multipart upload is fixed by CreateMultipartUpload.
         self.late_metadata_limit = part_size
         self.clients = clients or AwsClients(pool=max(10, concurrency * (window + 1)))
@@ -1843,6 +1893,7 @@ class S3Store:
             concurrency=config.concurrency,
             window=window,
             clients=clients.aws(pool=max(10, config.concurrency * (window + 1))),
+            stale_after=config.visibility_timeout,
         )
 
     def client(self, ref: ObjectRef) -> Any:
@@ -1932,29 +1983,54 @@ class S3Store:
             self.clients.get("sts").get_caller_identity()
 
     def abort_stale_uploads(self, ref: ObjectRef, keep: str | None = None) -> int:
-        """Abort multipart uploads of exactly this key (except ``keep``) that a killed worker
-        or a create whose answer was lost left behind. A concurrent upload of the same key by
-        another worker is aborted too: it fails with NoSuchUpload, is retried, and finds the
-        object already written (a skip). Without s3:ListBucketMultipartUploads this is skipped;
-        a bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net either way."""
+        """Abort multipart uploads of exactly this key (except ``keep``) that provably belong to
+        dead deliveries: a killed worker's, or a create whose answer was lost. An upload is dead
+        when its latest activity (Initiated, its newest part) is older than the visibility
+        timeout: a live delivery sends a part at least every read timeout, and a dead one's
+        lease has lapsed by then. Younger uploads may be another delivery's (a redelivery, a
+        second event for the key) and are left alone: aborting them made two deliveries abort
+        each other on every attempt until one was dead-lettered. ListMultipartUploads shows no
+        metadata, so time is all there is. Without s3:ListBucketMultipartUploads this is
+        skipped; a bucket lifecycle rule (AbortIncompleteMultipartUpload) is the safety net."""
         client, aborted = self.client(ref), 0
         try:
             with _translated(aws_error, "destination"):
-                pages = client.get_paginator("list_multipart_uploads").paginate(
-                    Bucket=ref.bucket, Prefix=ref.key
-                )
-                for page in pages:
-                    for upload in page.get("Uploads", []):
-                        if upload["Key"] == ref.key and upload["UploadId"] != keep:
-                            with _upload_gone_is_aborted():
-                                client.abort_multipart_upload(
-                                    Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
-                                )
-                            aborted += 1
+                for upload in self._uploads_of(client, ref):
+                    if upload["UploadId"] != keep and self._abort_if_dead(client, ref, upload):
+                        aborted += 1
         except PermanentError as exc:
             if exc.reason != "access_denied":
                 raise
         return aborted
+
+    @staticmethod
+    def _uploads_of(client: Any, ref: ObjectRef) -> Iterator[Mapping[str, Any]]:
+        pages = client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=ref.bucket, Prefix=ref.key
+        )
+        for page in pages:
+            yield from (u for u in page.get("Uploads", []) if u["Key"] == ref.key)
+
+    def _abort_if_dead(self, client: Any, ref: ObjectRef, upload: Mapping[str, Any]) -> bool:
+        try:
+            if not self._dead(client, ref, upload):
+                return False
+            client.abort_multipart_upload(
+                Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+            )
+        except client.exceptions.NoSuchUpload:
+            return False  # its delivery completed or aborted it since the listing
+        return True
+
+    def _dead(self, client: Any, ref: ObjectRef, upload: Mapping[str, Any]) -> bool:
+        """No activity on ``upload`` for longer than ``stale_after``, by the worker's clock."""
+        pages = client.get_paginator("list_parts").paginate(
+            Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+        )
+        times = [upload["Initiated"]]
+        for page in pages:
+            times += [part["LastModified"] for part in page.get("Parts", [])]
+        return self.clock() - max(t.timestamp() for t in times) > self.stale_after
 
 
 def _s3_checksums(response: Mapping[str, Any]) -> dict[str, str]:
@@ -2018,6 +2094,7 @@ class S3Upload:
         self.written = 0
         self.upload_id: str | None = None
         self.parts: list[Future[dict[str, Any]]] = []
+        self.failed: Future[dict[str, Any]] | None = None  # the first part that failed
         self.finished = False
         self.executor: ThreadPoolExecutor | None = None
         self.part: bytearray | None = None  # the part being filled
@@ -2040,11 +2117,12 @@ class S3Upload:
                     ChecksumAlgorithm="SHA256",
                 )
         except TransferError:
-            self._abort_others(keep=None)  # S3 may have made the upload and lost the answer
+            self._abort_others(keep=None)  # dead deliveries' uploads; a lost create's is young
             raise
         self.upload_id = response["UploadId"]
-        # After the create, not before: when an answer is lost, botocore sends the create again
-        # and S3 makes a second upload; the first is found here (the faults campaign left five).
+        # Uploads of this key that dead deliveries left. When a create's answer is lost, botocore
+        # sends it again and S3 makes a second upload; that first one is young here, and goes
+        # once it is old: at a later transfer of the key, or the event's retries_exhausted.
         self._abort_others(keep=self.upload_id)
         self.executor = ThreadPoolExecutor(self.store.window, thread_name_prefix="s3-part")
 
@@ -2091,13 +2169,20 @@ class S3Upload:
         assert self.executor is not None
         run = contextvars.copy_context().run
         future = self.executor.submit(run, self._upload_part, len(self.parts) + 1, data)
-        future.add_done_callback(lambda _: self.free.put(data))
+        future.add_done_callback(lambda done: self._part_done(done, data))
         self.parts.append(future)
 
+    def _part_done(self, future: Future[dict[str, Any]], data: bytearray) -> None:
+        """Each part is looked at once, as it finishes: scanning every earlier part before each
+        new one made 10,000 parts cost 31 s of CPU. The failure is noted before the buffer comes
+        back, so the writer waiting for that buffer sees it."""
+        if self.failed is None and not future.cancelled() and future.exception() is not None:
+            self.failed = future
+        self.free.put(data)
+
     def _raise_failed_part(self) -> None:
-        for future in self.parts:
-            if future.done() and future.exception() is not None:
-                future.result()
+        if self.failed is not None:
+            self.failed.result()
 
     def _upload_part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
         """One part, retried on its own (sending it again replaces it), so a dropped
@@ -2127,6 +2212,9 @@ class S3Upload:
             self._put(metadata)
         else:
             self._complete()
+            # A killed delivery's upload was often still too young to be provably dead when
+            # this one was created (its lease had just lapsed); by now it may be.
+            self._abort_others(keep=self.upload_id)
         self.finished = True
 
     def _put(self, metadata: Mapping[str, str]) -> None:
@@ -2981,12 +3069,20 @@ PUBLISHERS[r"^projects/[^/]+/topics/[^/]+$"] = lambda topic, config, clients: Pu
 
 
 def plan_skip(
-    event: TransferEvent, dst: ObjectInfo | None, expected_sha256: str | None, overwrite: str
+    event: TransferEvent,
+    dst: ObjectInfo | None,
+    expected_sha256: str | None,
+    overwrite: str,
+    *,
+    latest: dt.datetime | None = None,
 ) -> str | None:
     """Why the destination must not be written, or None to go ahead.
 
     Order matters: an event already applied is a plain duplicate delivery; a destination written by
-    a newer event must never be replaced by an older one, whatever the overwrite policy."""
+    a newer event must never be replaced by an older one, whatever the overwrite policy. A
+    destination time after ``latest`` (the worker's clock plus the allowed skew) is ignored:
+    anyone who can write the destination could otherwise block every later event with a
+    far-future time."""
     if dst is None:
         return None
     dst_sha = dst.metadata.get(META_SHA256)
@@ -2997,7 +3093,7 @@ def plan_skip(
     ):
         return "already_applied"
     written_at = dst.metadata.get(META_EVENT_TIME)
-    if written_at and _newer(written_at, event.timestamp):
+    if written_at and _newer(written_at, event.timestamp, latest):
         return "stale_event"
     if overwrite == "never":
         return "never_overwrite"
@@ -3024,11 +3120,12 @@ def _recorded_older(written_at: str, event_time: dt.datetime) -> bool:
         return False
 
 
-def _newer(written_at: str, event_time: dt.datetime) -> bool:
+def _newer(written_at: str, event_time: dt.datetime, latest: dt.datetime | None = None) -> bool:
     try:
-        return parse_time(written_at) > event_time
+        written = parse_time(written_at)
     except ValueError:
         return False
+    return written > event_time and (latest is None or written <= latest)
 
 
 class DigestSet:
@@ -3051,12 +3148,21 @@ class DigestSet:
         return {name: h.digest().hex() for name, h in self.hashers.items()}
 
 
-def hash_source(store: ObjectStore, ref: ObjectRef, info: ObjectInfo) -> str:
-    """A read-only pass over the source, for destinations that fix metadata at upload start."""
+def hash_source(
+    store: ObjectStore,
+    ref: ObjectRef,
+    info: ObjectInfo,
+    *,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> str:
+    """A read-only pass over the source, for destinations that fix metadata at upload start.
+    ``on_progress`` is called after every chunk, as in the copy itself, so a drain (which makes
+    it raise) stops this pass at the next chunk too."""
     digest = hashlib.sha256()
     with store.open_read(ref, info) as chunks:
         for chunk in chunks:
             digest.update(chunk)
+            on_progress(len(chunk))
     return digest.hexdigest()
 
 
@@ -3081,9 +3187,21 @@ class TransferEngine:
     the plan saw of the destination, or abort. A refused commit re-plans from the destination's
     new state: skip, or another conditional commit."""
 
-    def __init__(self, stores: Mapping[str, ObjectStore], *, overwrite: str = "different") -> None:
+    def __init__(
+        self,
+        stores: Mapping[str, ObjectStore],
+        *,
+        overwrite: str = "different",
+        clock_skew: float = DEFAULT_CLOCK_SKEW,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.stores = stores
         self.overwrite = overwrite
+        self.clock_skew, self.clock = clock_skew, clock
+
+    def _latest_event_time(self) -> dt.datetime:
+        """The newest destination event time believed: the worker's clock plus the skew."""
+        return dt.datetime.fromtimestamp(self.clock() + self.clock_skew, dt.UTC)
 
     def transfer(
         self, event: TransferEvent, *, on_progress: Callable[[int], None] = lambda n: None
@@ -3091,11 +3209,12 @@ class TransferEngine:
         src, dst = self.stores[event.source.provider], self.stores[event.destination.provider]
         plan = self._plan(event, src, dst)
         for _ in range(MAX_REPLANS):
-            skip = plan_skip(event, plan.dst, plan.sha256, self.overwrite)
+            latest = self._latest_event_time()
+            skip = plan_skip(event, plan.dst, plan.sha256, self.overwrite, latest=latest)
             if skip:
                 return TransferResult("skipped", sha256=plan.sha256, reason=skip)
             if plan.sha256 is None and plan.src.size > dst.late_metadata_limit:
-                plan.sha256 = hash_source(src, event.source, plan.src)
+                plan.sha256 = hash_source(src, event.source, plan.src, on_progress=on_progress)
             try:
                 return self._write(event, src, dst, plan, on_progress)
             except CommitRefused:
@@ -3359,31 +3478,159 @@ def _reply(
     return [body]
 
 
+HTTP_THREADS = 4  # requests handled at once: probes and scrapes are tiny
+HTTP_WAITING = 64  # connections whose request head is not complete yet; past that, oldest closed
+HTTP_TIMEOUT = 10.0  # seconds a client may take to send its request head
+HTTP_QUEUED_PER_THREAD = 4  # requests that may wait for a busy handler, per handler thread
+HTTP_MAX_HEAD = 65537 + 8192  # read ahead at most: the handler refuses a longer line with 414
+
+
 def start_http_server(
     app: Callable[..., Iterable[bytes]],
     port: int,
     host: str = "127.0.0.1",
+    *,
+    threads: int = HTTP_THREADS,
+    waiting: int = HTTP_WAITING,
+    timeout: float = HTTP_TIMEOUT,
 ) -> tuple[Any, threading.Thread]:
-    """Serve ``app`` on a named daemon thread; one thread per request, so a slow or stuck client
-    never blocks the others, and a socket timeout so it cannot hold its thread for ever. Returns
-    the server (``server.shutdown()`` stops it) and the thread."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+    """Serve ``app`` on a named daemon thread. Returns the server (``server.shutdown()`` stops
+    it) and the thread. Threads are bounded whatever clients do: the serving thread reads each
+    request head (up to the blank line) without blocking, and only a complete one goes to one of
+    ``threads`` handlers, which never wait for the client to send; so neither idle nor slow
+    clients can keep /health from answering. At most ``waiting`` incomplete heads are kept (the
+    oldest is closed), none past ``timeout`` seconds."""
 
     class Handler(WSGIRequestHandler):
-        timeout = 10  # seconds a client may take to send its request
+        def setup(self) -> None:
+            super().setup()
+            # The head the serving thread read; our endpoints read no body.
+            self.rfile.close()
+            heads = self.server.heads  # type: ignore[attr-defined] # a _BoundedServer
+            self.rfile = io.BytesIO(heads.pop(self.connection, b""))
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # access logs would drown the JSON event log
 
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    server = make_server(host, port, app, server_class=Server, handler_class=Handler)
+    Handler.timeout = timeout  # for writing the answer: one class per server
+    server = make_server(host, port, app, server_class=_BoundedServer, handler_class=Handler)
+    server.bound(threads=threads, waiting=waiting, timeout=timeout)
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     return server, thread
+
+
+class _BoundedServer(WSGIServer):
+    """WSGIServer whose loop watches the listening socket and every connection whose request
+    head is still arriving, reading what each sends as it comes; a complete head goes to a
+    fixed set of handler threads (a few more may queue for them; past that, the connection is
+    closed at once). A waiting connection costs a file descriptor and its bytes, no thread."""
+
+    allow_reuse_address = True
+    request_queue_size = HTTP_WAITING  # the kernel's backlog: a burst is not refused (default 5)
+
+    def bound(self, *, threads: int, waiting: int, timeout: float) -> None:
+        self.ready: queue_module.Queue[tuple[socket.socket, Any] | None] = queue_module.Queue(
+            HTTP_QUEUED_PER_THREAD * threads
+        )
+        self.waiting_limit, self.head_timeout = waiting, timeout
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.socket, selectors.EVENT_READ)
+        self.waiting: dict[socket.socket, tuple[float, Any]] = {}  # oldest first
+        self.heads: dict[socket.socket, bytes] = {}  # read so far; complete ones for handlers
+        self.stopping, self.stopped = threading.Event(), threading.Event()
+        # Daemon threads: a handler stuck writing to a client must not hold up the exit.
+        self.handlers = [
+            threading.Thread(target=self._handle_ready, name=f"http-handler-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for handler in self.handlers:
+            handler.start()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        try:
+            while not self.stopping.is_set():
+                for key, _ in self.selector.select(poll_interval):
+                    if key.fileobj is self.socket:
+                        self._accept()
+                    else:
+                        self._read(key.fileobj)  # type: ignore[arg-type]
+                self._expire(time.monotonic())
+        finally:
+            self.stopped.set()
+
+    def _accept(self) -> None:
+        try:
+            conn, address = self.socket.accept()
+        except OSError:
+            return  # the client went away between the poll and the accept
+        if len(self.waiting) >= self.waiting_limit:
+            self._drop(next(iter(self.waiting)))
+        conn.setblocking(False)
+        self.waiting[conn] = (time.monotonic() + self.head_timeout, address)
+        self.heads[conn] = b""
+        self.selector.register(conn, selectors.EVENT_READ)
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(16384)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)  # closed before its request was complete
+            return
+        head = self.heads[conn] = self.heads[conn] + data
+        if b"\r\n\r\n" in head or len(head) > HTTP_MAX_HEAD:
+            self._dispatch(conn)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        _, address = self.waiting.pop(conn)
+        self.selector.unregister(conn)
+        try:
+            self.ready.put_nowait((conn, address))
+        except queue_module.Full:
+            self.heads.pop(conn, None)
+            self.shutdown_request(conn)  # every handler busy and a queue behind them: refused
+
+    def _handle_ready(self) -> None:
+        while (item := self.ready.get()) is not None:
+            conn, address = item
+            try:
+                self.finish_request(conn, address)
+            except Exception:  # noqa: BLE001 - socketserver's contract: report it, serve on
+                self.handle_error(conn, address)
+            finally:
+                self.heads.pop(conn, None)
+                self.shutdown_request(conn)
+
+    def _expire(self, now: float) -> None:
+        for conn, (deadline, _) in list(self.waiting.items()):
+            if deadline > now:
+                break  # the rest came later
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        del self.waiting[conn]
+        self.heads.pop(conn, None)
+        self.selector.unregister(conn)
+        self.shutdown_request(conn)
+
+    def shutdown(self) -> None:
+        """Stop the loop (within its poll interval), the handlers once their request is done,
+        and close every socket not handed to one."""
+        self.stopping.set()
+        self.stopped.wait()
+        for conn in list(self.waiting):
+            self._drop(conn)
+        with contextlib.suppress(queue_module.Empty):
+            while item := self.ready.get_nowait():
+                self.shutdown_request(item[0])
+        for _ in self.handlers:  # the queue holds at least one per handler, and is empty now
+            self.ready.put_nowait(None)
+        self.selector.close()
+        self.server_close()
 
 
 # =================================================================================================
@@ -3639,7 +3886,7 @@ class Worker:
     def _check_allowed(self, event: TransferEvent) -> None:
         allowed = self.config.allowlist
         for ref in (event.source, event.destination):
-            if allowed and (ref.provider, ref.bucket) not in allowed:
+            if allowed is not None and (ref.provider, ref.bucket) not in allowed:
                 raise PermanentError(
                     f"bucket {ref.provider}:{ref.bucket} is not in --allowed-buckets",
                     reason="forbidden",
@@ -3988,7 +4235,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Config:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     config = Config(**values)
-    config.validate()
+    config.validate(running=args.command == "run")
     return config
 
 
@@ -4110,7 +4357,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     worker = Worker(
         config,
         queue,
-        TransferEngine(stores, overwrite=config.overwrite),
+        TransferEngine(stores, overwrite=config.overwrite, clock_skew=config.clock_skew),
         metrics,
         log,
         readiness=readiness,

@@ -79,7 +79,7 @@ def main() -> None:
         f"runs: {args.runs}, default settings, "
         "every copy SHA-256 verified"
     )
-    print(f"command: TRANSFER_WORKER_STORAGE=cloud {shlex.join(argv)}")
+    print(f"command: TRANSFER_WORKER_STORAGE=cloud TRANSFER_WORKER_ALLOWED_BUCKETS='*' {shlex.join(argv)}")
     for provider, label in (("gcp_gcs", "S3 -> GCS"), ("aws_s3", "S3 -> S3 ")):
         rss = results[provider]["rss"]
         if not rss:  # a destination left out with --destinations

@@ -144,7 +144,7 @@ def main() -> None:
     )
     print(f"rclone command: RCLONE_CONFIG=<tmp> {shlex.join(commands['rclone'])}")
     print(
-        f"worker command: TRANSFER_WORKER_STORAGE=cloud {shlex.join(commands[workers[0]])}  "
+        f"worker command: TRANSFER_WORKER_STORAGE=cloud TRANSFER_WORKER_ALLOWED_BUCKETS='*' {shlex.join(commands[workers[0]])}  "
         "(one event submitted to SQS first with `submit - --to URL`)"
     )
     startup_cpu = median(cpus["startup"])

@@ -182,6 +182,7 @@ class Servers(contextlib.AbstractContextManager["Servers"]):
             GOOGLE_CLOUD_PROJECT=GCP_PROJECT,
             NO_PROXY="127.0.0.1,localhost",
             TRANSFER_WORKER_STORAGE="cloud",
+            TRANSFER_WORKER_ALLOWED_BUCKETS="*",  # each run makes fresh buckets
             TRANSFER_WORKER_HTTP_PORT="0",
             TRANSFER_WORKER_LOG_LEVEL="WARNING",
         )

@@ -125,7 +125,7 @@ def main() -> None:
         f"--concurrency {args.concurrency} per worker; servers: moto (S3, SQS) and "
         "fake-gcs-server, each one process, on the same 2 cores as the workers"
     )
-    print(f"command (per worker process): TRANSFER_WORKER_STORAGE=cloud {shlex.join(argv)}")
+    print(f"command (per worker process): TRANSFER_WORKER_STORAGE=cloud TRANSFER_WORKER_ALLOWED_BUCKETS='*' {shlex.join(argv)}")
     for provider in destinations:
         for count in counts:
             values = rates[(provider, count)]

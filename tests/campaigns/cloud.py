@@ -358,6 +358,10 @@ def campaign_faults(size: str, work: Path) -> Result:
         drain_sqs_dlq(r, dlq, dead)
         drain_pubsub_dlq(dlq_sub, dead)
         state, reasons = verify(r, planned, dead)
+        # Workers abort only uploads idle past the visibility timeout (a younger one may be a
+        # live delivery's). moto reports every upload as Initiated 2010-11-10, so a lost
+        # create's part-less upload looks idle at once here; on S3 it waits for a later
+        # transfer of its key, retries_exhausted, or the bucket's lifecycle rule.
         orphans = sum(
             len(r.s3.list_multipart_uploads(Bucket=b).get("Uploads", [])) for b in (S3_SRC, S3_DST)
         )
