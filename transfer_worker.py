@@ -334,6 +334,19 @@ def _inline_refs(node: Any, defs: Mapping[str, Any]) -> Any:
     return {**_inline_refs(defs[ref.removeprefix("#/$defs/")], defs), **rest}
 
 
+def load_json(text: str | bytes) -> Any:
+    """json.loads, where a document nested too deeply for the parser is a ValueError like any
+    other unreadable text: json.loads recurses once per level and raises RecursionError (a
+    100,000-deep ``[[[...]]]`` is 200 KB, within the message size limit)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        limit = sys.getrecursionlimit()
+        raise ValueError(
+            f"nested too deeply to parse (the limit is about {limit} levels)"
+        ) from None
+
+
 def parse_event(
     body: bytes, validator: jsonschema.protocols.Validator, *, max_bytes: int = 256 * 1024
 ) -> TransferEvent:
@@ -344,7 +357,7 @@ def parse_event(
             reason="message_too_large",
         )
     try:
-        document = json.loads(body.decode("utf-8"))
+        document = load_json(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidEvent(f"message body is not JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -3710,7 +3723,7 @@ def read_bodies(source: str, *, validate: bool) -> list[bytes]:
     raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     text = raw.decode("utf-8", errors="surrogateescape").strip()
     try:
-        document = json.loads(text)
+        document = load_json(text)
     except ValueError:
         lines = [line for line in text.splitlines() if line.strip()]
         if validate:
@@ -3723,7 +3736,7 @@ def read_bodies(source: str, *, validate: bool) -> list[bytes]:
 
 def _canonical_line(line: str, number: int) -> bytes:
     try:
-        json.loads(line)
+        load_json(line)
     except ValueError as exc:
         raise InvalidEvent(f"line {number}: not JSON: {exc}") from None
     return line.encode("utf-8", errors="surrogateescape")
