@@ -707,12 +707,33 @@ class LocalObjectStore:
         symlink rather than following it."""
         check_key(ref.key)
         path = f"{self._root}/{self.provider}/{ref.bucket}"
-        *directories, name = ref.key.split("/")
+        parts = ref.key.split("/")
+        _check_name_lengths(ref, parts)
+        *directories, name = parts
         for part in directories:
             path = f"{path}/{part}"
             if os.path.islink(path):
                 raise _symlink_error(ref)
         return f"{path}/{name}"
+
+
+# Bytes in one path component on ext4, xfs, btrfs, tmpfs and overlayfs. A key may be 1,024 bytes
+# but each part between slashes becomes a file or directory name; past this, every system call on
+# the path fails with ENAMETOOLONG, which is the key's fault, not the worker's.
+LOCAL_NAME_MAX = 255
+
+
+def _check_name_lengths(ref: ObjectRef, parts: list[str]) -> None:
+    if len(ref.key) <= LOCAL_NAME_MAX // 4:  # at most 4 UTF-8 bytes a character: cannot be over
+        return
+    for part in parts:
+        if len(part.encode("utf-8")) > LOCAL_NAME_MAX:
+            raise InvalidEvent(
+                f"key {ref.key[:40]!r}... has a part of {len(part.encode('utf-8'))} bytes between "
+                f"slashes; local mode stores each part as a file name of at most "
+                f"{LOCAL_NAME_MAX} bytes",
+                reason="invalid_key",
+            )
 
 
 def _symlink_error(ref: ObjectRef) -> InvalidEvent:

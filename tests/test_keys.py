@@ -1,5 +1,5 @@
-"""Any key (issue 11, item 4). What cannot be parsed (JSON nested 100,000 deep) is an invalid event,
-in the worker and in the CLI."""
+"""Any key (issue 11, item 4). What cannot be stored (a local file name over 255 bytes) and what
+cannot be parsed (JSON nested 100,000 deep) dead-letter with their own reasons."""
 
 from __future__ import annotations
 
@@ -130,3 +130,28 @@ def test_the_worker_dead_letters_json_nested_too_deeply_as_invalid_event(tmp_pat
     assert sorted(e["body"] for e in envelopes) == sorted(DEEP_BODIES.values())
     assert {e["reason"] for e in envelopes} == {"invalid_event"}
     assert all("nested too deeply" in e["error"] for e in envelopes)
+
+
+# -- a key local mode cannot store -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_key_whose_part_is_too_long_for_a_file_name_is_an_invalid_key(
+    tmp_path: Path, side: str
+) -> None:
+    """1,024 bytes with no '/' is a valid key; a file name is at most 255 bytes, so local mode
+    cannot store it and says why (it was ENAMETOOLONG: internal_error for a source,
+    destination_error for a destination)."""
+    root = tmp_path / "root"
+    long_key = "é" * 512  # 1,024 bytes, no '/'
+    put_local(root, "aws_s3", "src-bkt", "short", b"data")
+    e = event("aws_s3", "src-bkt", "gcp_gcs", "dst-bkt", "short")
+    e[side]["key"] = long_key
+    submit([e], tmp_path, "--local-root", str(root))
+
+    run_local(root)
+
+    [envelope] = local_dead_letters(root)
+    assert envelope["reason"] == "invalid_key"
+    assert "1024 bytes between slashes" in envelope["error"]
+    assert envelope["event_id"] == e["eventId"]
