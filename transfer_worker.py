@@ -31,6 +31,8 @@ import contextvars
 import ctypes
 import dataclasses
 import datetime as dt
+import email.errors
+import email.header
 import functools
 import hashlib
 import http.client
@@ -1702,6 +1704,53 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+# S3 user metadata travels in HTTP headers, and botocore refuses any value that is not ASCII; a
+# transfer-source names the key, which may be any UTF-8. Such values go as one RFC 2047 encoded
+# word, "=?UTF-8?B?<base64>?=", the form in which S3 itself returns non-ASCII metadata, and head()
+# decodes encoded words whatever wrote them. A value containing "=?" is encoded too, so that no
+# plain value (a key named like an encoded word) is ever decoded into something else.
+S3_METADATA_LIMIT = 2048  # bytes of user metadata, names and values together (S3's 2 KB)
+_ENCODED_WORD = r"=\?[^?\s]+\?(?:[Bb]\?[A-Za-z0-9+/]*={0,2}|[Qq]\?[^?\s]*)\?="
+_ENCODED_WORDS = re.compile(rf"{_ENCODED_WORD}(?:\s+{_ENCODED_WORD})*")
+
+
+def _s3_metadata_out(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata as S3 accepts it: ASCII, within 2 KB. The largest the worker writes today fits
+    always: a transfer-source of gs://, a 222-byte bucket and a 1,024-byte key is 1,684 bytes
+    encoded, 1,873 with the rest. More (the source's own metadata) is refused, never cut."""
+    sent = {name: _encoded_word(value) for name, value in metadata.items()}
+    size = sum(len(name.encode("utf-8")) + len(value) for name, value in sent.items())
+    if size > S3_METADATA_LIMIT:
+        raise PermanentError(
+            f"metadata of {size} bytes is over S3's {S3_METADATA_LIMIT}-byte limit",
+            reason="metadata_too_large",
+        )
+    return sent
+
+
+def _encoded_word(value: str) -> str:
+    if value.isascii() and "=?" not in value:
+        return value
+    return f"=?UTF-8?B?{_b64(value.encode('utf-8'))}?="
+
+
+def _s3_metadata_in(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata as written: values made of RFC 2047 encoded words decoded. One that only looks
+    like encoded words (an unknown charset, bad base64, bytes that are not that charset) is kept
+    as it is: it is not ours, and head() must not fail on it."""
+    return {name: _decoded_words(value) for name, value in metadata.items()}
+
+
+def _decoded_words(value: str) -> str:
+    if not _ENCODED_WORDS.fullmatch(value):
+        return value
+    try:
+        parts = email.header.decode_header(value)
+        return "".join(data.decode(charset or "ascii") for data, charset in parts)
+    except (email.errors.HeaderParseError, LookupError, UnicodeDecodeError):
+        return value
+
+
 class S3Store:
     """aws_s3 objects through boto3: streaming GetObject pinned by ETag; PutObject for objects of
     at most one part, parallel multipart uploads (SHA-256 per part) above that."""
@@ -1748,7 +1797,7 @@ class S3Store:
             size=int(response["ContentLength"]),
             version=response["ETag"],
             content_type=response.get("ContentType"),
-            metadata=dict(response.get("Metadata") or {}),
+            metadata=_s3_metadata_in(response.get("Metadata") or {}),
             checksums=_s3_checksums(response),
         )
 
@@ -1910,7 +1959,7 @@ class S3Upload:
                     Bucket=self.ref.bucket,
                     Key=self.ref.key,
                     ContentType=self.content_type,
-                    Metadata=self.metadata,
+                    Metadata=_s3_metadata_out(self.metadata),
                     ChecksumAlgorithm="SHA256",
                 )
         except TransferError:
@@ -2004,7 +2053,7 @@ class S3Upload:
                 Key=self.ref.key,
                 Body=_joined(self),
                 ContentType=self.content_type,
-                Metadata=dict(metadata),
+                Metadata=_s3_metadata_out(metadata),
                 **extra,
             )
 
