@@ -32,6 +32,8 @@ import contextvars
 import ctypes
 import dataclasses
 import datetime as dt
+import email.errors
+import email.header
 import functools
 import hashlib
 import http.client
@@ -362,6 +364,19 @@ def _inline_refs(node: Any, defs: Mapping[str, Any]) -> Any:
     return {**_inline_refs(defs[ref.removeprefix("#/$defs/")], defs), **rest}
 
 
+def load_json(text: str | bytes) -> Any:
+    """json.loads, where a document nested too deeply for the parser is a ValueError like any
+    other unreadable text: json.loads recurses once per level and raises RecursionError (a
+    100,000-deep ``[[[...]]]`` is 200 KB, within the message size limit)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        limit = sys.getrecursionlimit()
+        raise ValueError(
+            f"nested too deeply to parse (the limit is about {limit} levels)"
+        ) from None
+
+
 def parse_event(
     body: bytes, validator: jsonschema.protocols.Validator, *, max_bytes: int = 256 * 1024
 ) -> TransferEvent:
@@ -372,7 +387,7 @@ def parse_event(
             reason="message_too_large",
         )
     try:
-        document = json.loads(body.decode("utf-8"))
+        document = load_json(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidEvent(f"message body is not JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -759,12 +774,33 @@ class LocalObjectStore:
         symlink rather than following it."""
         check_key(ref.key)
         path = f"{self._root}/{self.provider}/{ref.bucket}"
-        *directories, name = ref.key.split("/")
+        parts = ref.key.split("/")
+        _check_name_lengths(ref, parts)
+        *directories, name = parts
         for part in directories:
             path = f"{path}/{part}"
             if os.path.islink(path):
                 raise _symlink_error(ref)
         return f"{path}/{name}"
+
+
+# Bytes in one path component on ext4, xfs, btrfs, tmpfs and overlayfs. A key may be 1,024 bytes
+# but each part between slashes becomes a file or directory name; past this, every system call on
+# the path fails with ENAMETOOLONG, which is the key's fault, not the worker's.
+LOCAL_NAME_MAX = 255
+
+
+def _check_name_lengths(ref: ObjectRef, parts: list[str]) -> None:
+    if len(ref.key) <= LOCAL_NAME_MAX // 4:  # at most 4 UTF-8 bytes a character: cannot be over
+        return
+    for part in parts:
+        if len(part.encode("utf-8")) > LOCAL_NAME_MAX:
+            raise InvalidEvent(
+                f"key {ref.key[:40]!r}... has a part of {len(part.encode('utf-8'))} bytes between "
+                f"slashes; local mode stores each part as a file name of at most "
+                f"{LOCAL_NAME_MAX} bytes",
+                reason="invalid_key",
+            )
 
 
 def _symlink_error(ref: ObjectRef) -> InvalidEvent:
@@ -1862,6 +1898,53 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+# S3 user metadata travels in HTTP headers, and botocore refuses any value that is not ASCII; a
+# transfer-source names the key, which may be any UTF-8. Such values go as one RFC 2047 encoded
+# word, "=?UTF-8?B?<base64>?=", the form in which S3 itself returns non-ASCII metadata, and head()
+# decodes encoded words whatever wrote them. A value containing "=?" is encoded too, so that no
+# plain value (a key named like an encoded word) is ever decoded into something else.
+S3_METADATA_LIMIT = 2048  # bytes of user metadata, names and values together (S3's 2 KB)
+_ENCODED_WORD = r"=\?[^?\s]+\?(?:[Bb]\?[A-Za-z0-9+/]*={0,2}|[Qq]\?[^?\s]*)\?="
+_ENCODED_WORDS = re.compile(rf"{_ENCODED_WORD}(?:\s+{_ENCODED_WORD})*")
+
+
+def _s3_metadata_out(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata as S3 accepts it: ASCII, within 2 KB. The largest the worker writes today fits
+    always: a transfer-source of gs://, a 222-byte bucket and a 1,024-byte key is 1,684 bytes
+    encoded, 1,873 with the rest. More (the source's own metadata) is refused, never cut."""
+    sent = {name: _encoded_word(value) for name, value in metadata.items()}
+    size = sum(len(name.encode("utf-8")) + len(value) for name, value in sent.items())
+    if size > S3_METADATA_LIMIT:
+        raise PermanentError(
+            f"metadata of {size} bytes is over S3's {S3_METADATA_LIMIT}-byte limit",
+            reason="metadata_too_large",
+        )
+    return sent
+
+
+def _encoded_word(value: str) -> str:
+    if value.isascii() and "=?" not in value:
+        return value
+    return f"=?UTF-8?B?{_b64(value.encode('utf-8'))}?="
+
+
+def _s3_metadata_in(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata as written: values made of RFC 2047 encoded words decoded. One that only looks
+    like encoded words (an unknown charset, bad base64, bytes that are not that charset) is kept
+    as it is: it is not ours, and head() must not fail on it."""
+    return {name: _decoded_words(value) for name, value in metadata.items()}
+
+
+def _decoded_words(value: str) -> str:
+    if not _ENCODED_WORDS.fullmatch(value):
+        return value
+    try:
+        parts = email.header.decode_header(value)
+        return "".join(data.decode(charset or "ascii") for data, charset in parts)
+    except (email.errors.HeaderParseError, LookupError, UnicodeDecodeError):
+        return value
+
+
 class S3Store:
     """aws_s3 objects through boto3: streaming GetObject pinned by ETag; PutObject for objects of
     at most one part, parallel multipart uploads (SHA-256 per part) above that."""
@@ -1913,7 +1996,7 @@ class S3Store:
             size=int(response["ContentLength"]),
             version=response["ETag"],
             content_type=response.get("ContentType"),
-            metadata=dict(response.get("Metadata") or {}),
+            metadata=_s3_metadata_in(response.get("Metadata") or {}),
             checksums=_s3_checksums(response),
         )
 
@@ -2113,7 +2196,7 @@ class S3Upload:
                     Bucket=self.ref.bucket,
                     Key=self.ref.key,
                     ContentType=self.content_type,
-                    Metadata=self.metadata,
+                    Metadata=_s3_metadata_out(self.metadata),
                     ChecksumAlgorithm="SHA256",
                 )
         except TransferError:
@@ -2227,7 +2310,7 @@ class S3Upload:
                 Key=self.ref.key,
                 Body=_joined(self),
                 ContentType=self.content_type,
-                Metadata=dict(metadata),
+                Metadata=_s3_metadata_out(metadata),
                 **extra,
                 **self.condition,
             )
@@ -4245,7 +4328,7 @@ def read_bodies(source: str, *, validate: bool) -> list[bytes]:
     raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     text = raw.decode("utf-8", errors="surrogateescape").strip()
     try:
-        document = json.loads(text)
+        document = load_json(text)
     except ValueError:
         lines = [line for line in text.splitlines() if line.strip()]
         if validate:
@@ -4258,7 +4341,7 @@ def read_bodies(source: str, *, validate: bool) -> list[bytes]:
 
 def _canonical_line(line: str, number: int) -> bytes:
     try:
-        json.loads(line)
+        load_json(line)
     except ValueError as exc:
         raise InvalidEvent(f"line {number}: not JSON: {exc}") from None
     return line.encode("utf-8", errors="surrogateescape")
