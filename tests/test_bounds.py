@@ -487,9 +487,10 @@ def test_two_live_uploads_of_one_key_do_not_abort_each_other(aws_env: str):
     """Two deliveries of one key (a redelivery after a lapsed lease, or two events) at once, on
     moto: each creates its upload, sends parts in turn and commits; neither aborts the other
     (before, each create aborted the other's upload, on every attempt); the commit that comes
-    second is refused by its condition, not by a missing upload. moto reports every upload as Initiated 2010-11-10, so a part-less
-    upload looks idle there: each upload has a part at S3 before the other's create or commit
-    looks (with real Initiated times, test_only_uploads_idle_past... covers a part-less one)."""
+    second is refused by its condition, not by a missing upload. moto reports every upload as
+    Initiated 2010-11-10, so a part-less upload looks idle there: each upload has a part at S3
+    before the other's create or commit looks (with real Initiated times,
+    test_only_uploads_idle_past... covers a part-less one)."""
     import boto3
 
     from conftest import wait_for
