@@ -859,9 +859,11 @@ def plan_races(rig: Rig, n: int, rng: random.Random) -> tuple[list[dict[str, Any
         data = rng.randbytes(rng.choice(sizes))
         src = ("aws_s3", S3_SRC) if i % 2 else ("gcp_gcs", GCS_SRC)
         key = RACE_KEYS[rng.randrange(len(RACE_KEYS))]
-        rig.put(*src, f"races/{i}", data)
+        rig.put(*src, f"races/é-ключ-{i}", data)
         stamp = (base + dt.timedelta(seconds=offset)).isoformat().replace("+00:00", "Z")
-        events.append(make_event((*src, f"races/{i}"), ("aws_s3", S3_DST, key), timestamp=stamp))
+        events.append(
+            make_event((*src, f"races/é-ключ-{i}"), ("aws_s3", S3_DST, key), timestamp=stamp)
+        )
         by_key[key].append((offset, sha(data)))
     return events, by_key
 
