@@ -2528,7 +2528,7 @@ class SQSQueue:
         copies: the idempotency check turns the second into a skip."""
         try:
             self._send_copy(message)
-        except TransferError:
+        except Exception:  # noqa: BLE001 - denied, or unreachable: the hand-back still happens
             self.retry_later(message, 0)
             return
         self.ack(message)
@@ -3461,7 +3461,7 @@ class Worker:
         """Work until stop() (or, with ``once``, until the queue is empty), then drain."""
         heartbeat = self.heartbeat = Heartbeat(
             self.queue,
-            self.in_flight,
+            self._leased,
             self.config.visibility_timeout,
             self.log,
             outage=self.outage,
@@ -3541,6 +3541,12 @@ class Worker:
     def in_flight(self) -> list[Message]:
         with self._in_flight_lock:
             return list(self._in_flight.values())
+
+    def _leased(self) -> list[Message]:
+        """What the heartbeat keeps hidden: in flight and not handed back (an extension would
+        hide a handed-back message again while its transfer winds down)."""
+        with self._in_flight_lock:
+            return [m for m in self._in_flight.values() if m.message_id not in self._released]
 
     def _wait_for_free_slot(self) -> int:
         with self._in_flight_lock:

@@ -472,9 +472,17 @@ def rollout(root: Path, visibility: int = 30) -> Rig:
     rig = Rig(root, stores=stores, drain_timeout=0, visibility_timeout=visibility)
     thread = threading.Thread(target=rig.worker.run, name="rolled-out", daemon=True)
     thread.start()
-    assert stores["aws_s3"].reading.wait(20), "the transfer never started"
+    wait_for(
+        lambda: stores["aws_s3"].reading.is_set() or rig.dead_letters(), 20, message="a transfer"
+    )
+    assert rig.dead_letters() == [], "dead-lettered instead of transferred"
     rig.worker.stop()
     wait_for(lambda: rig.logs("Drain timeout passed"), 20, message="the drain's hand-back")
+    assert rig.worker.heartbeat is not None
+    rig.worker.heartbeat.beat()  # a beat while the transfer winds down must not hide it again
+    with sqlite3.connect(root / "queue.db") as db:
+        [(visible_at,)] = db.execute("SELECT visible_at FROM messages").fetchall()
+    assert visible_at <= rig.clock()
     stores["aws_s3"].gate.set()
     thread.join(20)
     assert not thread.is_alive()
