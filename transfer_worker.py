@@ -2677,9 +2677,15 @@ class PubSubQueue:
             return self.future
 
     def _raise_if_ended(self) -> None:
-        """The stream ended for good: subscription gone, permission denied."""
+        """The stream ended (subscription gone, permission denied: the client retries transient
+        errors itself): raise its error once, and let the next receive open a new stream. The
+        worker backs off between receives, so it recovers when the cause is fixed; before, it
+        exited and its pod was restarted for the same effect."""
         future = self._stream()
         if future is not None and future.done() and not self.stopped:
+            with self._lock:
+                if self.future is future:
+                    self.future = None
             with _translated(google_error, "queue"):
                 future.result()
 

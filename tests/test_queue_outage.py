@@ -590,6 +590,38 @@ def test_a_pubsub_delivery_count_is_taken_for_hand_backs() -> None:
     assert (message.receive_count, message.handed_back) == (7, 6)
 
 
+def test_a_pubsub_stream_that_ended_is_opened_again_by_a_later_receive(
+    pubsub_topic_subscription: Callable[..., Any],
+) -> None:
+    """A stream the server ended (here: the subscription did not exist yet) raises once; the
+    worker backs off and its next receive opens a new stream, instead of raising for ever."""
+    resources = pubsub_topic_subscription()
+    subscriber = resources.subscriber
+    late = subscriber.subscription_path(resources.project, f"late-{uuid.uuid4().hex[:10]}")
+    config = tw.Config(queue=late, concurrency=2)
+    queue = tw.PubSubQueue(config, tw.PubSubPublisher(resources.topic, config))
+    errors: list[Exception] = []
+
+    def receive_fails() -> bool:
+        try:
+            queue.receive(1, 0.2)
+        except tw.TransferError as exc:
+            errors.append(exc)
+        return bool(errors)
+
+    try:
+        wait_for(receive_fails, 30, message="the stream to end with NotFound")
+        subscriber.create_subscription(name=late, topic=resources.topic, timeout=30)
+        resources.publisher.publish(resources.topic, b'{"late": true}').result(timeout=30)
+        received: list[tw.Message] = []
+        wait_for(lambda: received.extend(queue.receive(1, 1)) or received, 30, message="a message")
+        assert received[0].body == b'{"late": true}'
+        queue.ack(received[0])
+    finally:
+        queue.close()
+        subscriber.delete_subscription(subscription=late, timeout=30)
+
+
 # -- the real CLI through a queue outage ----------------------------------------------------------
 
 
