@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import urllib.error
 import urllib.request
 import uuid
@@ -588,6 +589,22 @@ def test_a_pubsub_delivery_count_is_taken_for_hand_backs() -> None:
 
     message = tw.PubSubQueue._message(Received())
     assert (message.receive_count, message.handed_back) == (7, 6)
+
+
+def test_a_pubsub_lease_past_the_clients_maximum_is_lost() -> None:
+    """The client's lease management stops extending a message ``max_lease`` after receipt."""
+    config = tw.Config(queue="projects/p/subscriptions/s")
+    queue = tw.PubSubQueue(config, typing.cast(Any, None), subscriber=object())
+    fresh = tw.Message(body=b"{}", receive_count=1, handle=None, message_id="m-1")
+    old = tw.Message(
+        body=b"{}",
+        receive_count=1,
+        handle=None,
+        message_id="m-2",
+        received_at=time.time() - queue.max_lease - 1,
+    )
+    assert queue.extend(fresh, 300) is True
+    assert queue.extend(old, 300) is False
 
 
 def test_a_pubsub_stream_that_ended_is_opened_again_by_a_later_receive(
