@@ -60,12 +60,15 @@ IDEMPOTENCY_AWS = {
     ("s3:GetObject", "destination_objects"),
     ("s3:ListBucket", "destination_buckets"),
 }
+# Beyond the contract, always granted: a shutdown hand-back re-sends the body with its counts
+# (ADR.md 10), in a statement of its own, so the consuming statement never carries SendMessage.
+HAND_BACK_AWS = {("sqs:SendMessage", "queue")}
 # Beyond the contract, opt-in (variable -> pairs), every variable defaulting to false.
 OPT_IN_AWS = {
     "s3_list_source_buckets": {("s3:ListBucket", "source_buckets")},
     "s3_abort_orphan_uploads": {("s3:ListBucketMultipartUploads", "destination_buckets")},
 }
-# The statements by sid: the contract's four, then the two for the idempotency check.
+# The statements by sid: the contract's four, the two for the idempotency check, the hand-back.
 EXPECTED_AWS_STATEMENTS = {
     "SourceObjectsRead": (["s3:GetObject"], "source_objects"),
     "DestinationObjectsWrite": (
@@ -83,6 +86,7 @@ EXPECTED_AWS_STATEMENTS = {
         ],
         "queue",
     ),
+    "QueueHandBack": (["sqs:SendMessage"], "queue"),
     "DeadLetterSend": (["sqs:SendMessage"], "dead_letter_queue"),
 }
 # GCS: custom roles of one permission each, and which buckets each is bound on.
@@ -195,7 +199,8 @@ def _check_statement(st: dict[str, Any]) -> tuple[list[str], str]:
         assert action != "s3:DeleteObject", "the worker never deletes objects on S3"
     kind = _classify_aws_resources(st["resources"])
     if "sqs:SendMessage" in actions:
-        assert kind == "dead_letter_queue", "sqs:SendMessage is for the dead-letter queue only"
+        assert actions == ["sqs:SendMessage"], "sqs:SendMessage goes in a statement of its own"
+        assert kind in ("dead_letter_queue", "queue"), "sqs:SendMessage is for the queues only"
     return actions, kind
 
 
@@ -235,15 +240,21 @@ def check_worker_policy(c: dict[str, Any]) -> None:
     for var in OPT_IN_AWS:
         assert c["variable"][var]["type"] == "bool", var
         assert c["variable"][var]["default"] is False, f"{var} must default to false"
-    assert worker_aws_grants(c) == CONTRACT_AWS | IDEMPOTENCY_AWS
+    assert worker_aws_grants(c) == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS
     # Each opt-in adds exactly its own pairs, and nothing else is reachable.
     matches = [_OPT_IN.fullmatch(d["statement"]["for_each"]) for d in doc.get("dynamic", [])]
     gated = {m.group(1) for m in matches if m}
     assert gated == set(OPT_IN_AWS)
     for var, pairs in OPT_IN_AWS.items():
-        assert worker_aws_grants(c, frozenset({var})) == CONTRACT_AWS | IDEMPOTENCY_AWS | pairs
+        assert (
+            worker_aws_grants(c, frozenset({var}))
+            == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | pairs
+        )
     every = set().union(*OPT_IN_AWS.values())
-    assert worker_aws_grants(c, frozenset(OPT_IN_AWS)) == CONTRACT_AWS | IDEMPOTENCY_AWS | every
+    assert (
+        worker_aws_grants(c, frozenset(OPT_IN_AWS))
+        == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | every
+    )
 
 
 def check_worker_role_has_only_that_policy(c: dict[str, Any]) -> None:

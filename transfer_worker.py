@@ -41,6 +41,7 @@ import io
 import json
 import os
 import queue as queue_module
+import random
 import re
 import selectors
 import signal
@@ -314,13 +315,15 @@ class TransferEvent:
 @dataclasses.dataclass
 class Message:
     """One delivery of one queue message. ``receive_count`` counts this delivery (1 = first);
-    ``handle`` is whatever the queue adapter needs to settle it."""
+    ``handed_back`` says how many of the earlier deliveries were shutdown hand-backs, which made
+    no failed attempt (ADR 11); ``handle`` is whatever the queue adapter needs to settle it."""
 
     body: bytes
     receive_count: int
     handle: Any
     message_id: str
     received_at: float = dataclasses.field(default_factory=time.time)
+    handed_back: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,11 +556,17 @@ class MessageQueue(Protocol):
     def retry_later(self, message: Message, delay: float) -> None:
         """Make the message visible again after ``delay`` seconds (0: now)."""
 
+    def hand_back(self, message: Message) -> None:
+        """A shutdown hand-back: visible again at once, and recorded so that the next delivery's
+        ``handed_back`` does not count this one as a failed attempt (where the queue can)."""
+
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
         """Store the envelope on the dead-letter queue, then delete the message."""
 
-    def extend(self, message: Message, seconds: float) -> None:
-        """Keep the message hidden for another ``seconds`` while its transfer runs."""
+    def extend(self, message: Message, seconds: float) -> bool:
+        """Keep the message hidden for another ``seconds`` while its transfer runs. False: the
+        queue says the receipt is no longer valid (another worker may own the message now).
+        Raises when the queue cannot be reached."""
 
     def check(self) -> None: ...
 
@@ -921,7 +930,8 @@ class LocalQueue:
             enqueued_at REAL NOT NULL,
             visible_at REAL NOT NULL,
             receive_count INTEGER NOT NULL DEFAULT 0,
-            receipt TEXT);
+            receipt TEXT,
+            handbacks INTEGER NOT NULL DEFAULT 0);
         CREATE INDEX IF NOT EXISTS messages_ready ON messages (priority, visible_at, id);
         CREATE TABLE IF NOT EXISTS dead_letters (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -951,6 +961,20 @@ class LocalQueue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(self.path)
         self._db.executescript(self.SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """queue.db files made before hand-backs were counted lack the column. Two processes
+        may race to add it; the loser's "duplicate column" is the winner's success."""
+        if "handbacks" in self._columns():
+            return
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("ALTER TABLE messages ADD COLUMN handbacks INTEGER NOT NULL DEFAULT 0")
+        if "handbacks" not in self._columns():
+            raise sqlite3.OperationalError(f"{self.path}: could not add column handbacks")
+
+    def _columns(self) -> set[str]:
+        return {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
 
     def _write(self, sql: str, args: Sequence[Any]) -> list[Any]:
         """One statement, one transaction. A statement that writes takes the write lock before it
@@ -996,7 +1020,7 @@ class LocalQueue:
             "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, receipt = ? "
             "WHERE id IN (SELECT id FROM messages WHERE visible_at <= ? "
             "ORDER BY priority, visible_at, id LIMIT ?) "
-            "RETURNING priority, id, body, receive_count",
+            "RETURNING priority, id, body, receive_count, handbacks",
             (now + self.visibility_timeout, receipt, now, max_messages),
         )
         return [
@@ -1006,8 +1030,9 @@ class LocalQueue:
                 handle=(msg_id, receipt),
                 message_id=str(msg_id),
                 received_at=now,
+                handed_back=handbacks,
             )
-            for _, msg_id, body, count in sorted(rows)  # RETURNING has no defined order
+            for _, msg_id, body, count, handbacks in sorted(rows)  # no defined order
         ]
 
     def ack(self, message: Message) -> None:
@@ -1016,14 +1041,22 @@ class LocalQueue:
     def retry_later(self, message: Message, delay: float) -> None:
         self._set_visible(message, self.clock() + delay)
 
-    def extend(self, message: Message, seconds: float) -> None:
-        self._set_visible(message, self.clock() + seconds)
+    def hand_back(self, message: Message) -> None:
+        """Exact: the hand-back is recorded on the row, in the same statement."""
+        self._set_visible(message, self.clock(), handed_back=1)
 
-    def _set_visible(self, message: Message, visible_at: float) -> None:
-        self._write(
-            "UPDATE messages SET visible_at = ? WHERE id = ? AND receipt = ?",
-            (visible_at, *message.handle),
+    def extend(self, message: Message, seconds: float) -> bool:
+        """False when the receipt changed: the timeout passed and another worker received the
+        message (or it was settled), so the UPDATE matched no row."""
+        return self._set_visible(message, self.clock() + seconds)
+
+    def _set_visible(self, message: Message, visible_at: float, *, handed_back: int = 0) -> bool:
+        rows = self._write(
+            "UPDATE messages SET visible_at = ?, handbacks = handbacks + ? "
+            "WHERE id = ? AND receipt = ? RETURNING id",
+            (visible_at, handed_back, *message.handle),
         )
+        return bool(rows)
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
         if self.dead_letter_target is not None:
@@ -2798,12 +2831,37 @@ def _sqs_region(url: str) -> str | None:
     return match.group(1) if match else None
 
 
+# Message attributes of a handed-back SQS message's copy: what its earlier copies went through.
+SQS_DELIVERIES = "transfer-worker-deliveries"
+SQS_HANDBACKS = "transfer-worker-handbacks"
+SQS_LEASE_GONE = ("does not exist or is not available", "beyond the limit")
+
+
+def _sqs_receipt_gone(exc: BaseException | None) -> bool:
+    """SQS says this receipt can no longer keep the message: it was deleted or received again
+    (ReceiptHandleIsInvalid, InvalidParameterValue "... does not exist or is not available"),
+    or its visibility reached the 12-hour cap ("... beyond the limit")."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, Mapping):
+        return False
+    error = response.get("Error", {})
+    code, text = str(error.get("Code", "")), str(error.get("Message", ""))
+    if code.endswith("ReceiptHandleIsInvalid"):
+        return True
+    return code.endswith("InvalidParameterValue") and any(t in text for t in SQS_LEASE_GONE)
+
+
 class SQSQueue:
     """An SQS queue: long polls of up to 20 s and 10 messages, ApproximateReceiveCount as the
     delivery count, visibility extended while a transfer runs, DeleteMessage after commit. The
     queue's own RedrivePolicy (maxReceiveCount a little above --max-retries + 1) is the safety
     net for messages that keep killing workers. ``priority`` does not exist on SQS: use one queue
-    per priority and run workers on each."""
+    per priority and run workers on each.
+
+    A shutdown hand-back sends a copy of the body carrying the deliveries and hand-backs so far
+    as message attributes, then deletes the original (ADR 11): SQS cannot change a message's
+    receive count, and a hand-back by visibility 0 would count as a failed attempt, both for the
+    worker's budget and for the redrive policy."""
 
     receive_wait = 20.0  # the longest long poll; a shutdown is noticed after at most one poll
 
@@ -2827,6 +2885,7 @@ class SQSQueue:
                 WaitTimeSeconds=max(1, min(20, int(wait_seconds))),
                 VisibilityTimeout=self.visibility_timeout,
                 MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+                MessageAttributeNames=[SQS_DELIVERIES, SQS_HANDBACKS],
             )
         messages = [self._message(item) for item in response.get("Messages", [])]
         with self._lock:
@@ -2836,11 +2895,17 @@ class SQSQueue:
     @staticmethod
     def _message(item: Mapping[str, Any]) -> Message:
         attributes = item.get("Attributes", {})
+        carried = item.get("MessageAttributes", {})
+
+        def count(name: str) -> int:
+            return int(carried.get(name, {}).get("StringValue") or 0)
+
         return Message(
             body=item["Body"].encode("utf-8"),
-            receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
+            receive_count=int(attributes.get("ApproximateReceiveCount", 1)) + count(SQS_DELIVERIES),
             handle=item["ReceiptHandle"],
             message_id=item["MessageId"],
+            handed_back=count(SQS_HANDBACKS),
         )
 
     def _settled(self, message: Message) -> None:
@@ -2856,8 +2921,39 @@ class SQSQueue:
         self._set_visibility(message.handle, delay)
         self._settled(message)
 
-    def extend(self, message: Message, seconds: float) -> None:
-        self._set_visibility(message.handle, seconds)
+    def hand_back(self, message: Message) -> None:
+        """Re-send, then delete. Without sqs:SendMessage on this queue the hand-back falls back to
+        visibility 0, which counts as an attempt. A delete that fails after the send leaves two
+        copies: the idempotency check turns the second into a skip."""
+        try:
+            self._send_copy(message)
+        except Exception:  # noqa: BLE001 - denied, or unreachable: the hand-back still happens
+            self.retry_later(message, 0)
+            return
+        self.ack(message)
+
+    def _send_copy(self, message: Message) -> None:
+        def number(value: int) -> dict[str, str]:
+            return {"DataType": "Number", "StringValue": str(value)}
+
+        with _translated(aws_error, "queue"):
+            self.client.send_message(
+                QueueUrl=self.url,
+                MessageBody=message.body.decode("utf-8"),
+                MessageAttributes={
+                    SQS_DELIVERIES: number(message.receive_count),
+                    SQS_HANDBACKS: number(message.handed_back + 1),
+                },
+            )
+
+    def extend(self, message: Message, seconds: float) -> bool:
+        try:
+            self._set_visibility(message.handle, seconds)
+        except Exception as exc:
+            if _sqs_receipt_gone(exc) or _sqs_receipt_gone(exc.__cause__):
+                return False
+            raise
+        return True
 
     def _set_visibility(self, handle: str, seconds: float) -> None:
         with _translated(aws_error, "queue"):
@@ -2914,13 +3010,24 @@ class SQSPublisher:
 PUBSUB_MAX_DEADLINE = 600  # seconds: Pub/Sub accepts ack deadlines of 10 to 600 s
 
 
+def _pubsub_ack_id_invalid(exc: BaseException | None) -> bool:
+    """The server rejected the ack id (expired, or the message was acknowledged elsewhere):
+    InvalidArgument naming the ack id. Without exactly-once delivery Pub/Sub usually accepts a
+    stale ack id silently; the lease limit above is then what ends it."""
+    text = str(exc or "").lower()
+    return type(exc).__name__ == "InvalidArgument" and "ack" in text and "id" in text
+
+
 class PubSubQueue:
     """A Pub/Sub subscription through streaming pull. The client's flow control holds at most
     ``concurrency`` messages outstanding and its lease management keeps them leased (up to two
     hours) until ack or nack; the callback only moves them into a buffer that receive() drains.
     ``delivery_attempt`` is the delivery count when the subscription has a dead_letter_policy
-    (the safety net for messages that keep killing workers); without one it is always 1.
-    retry_later() is a nack: the subscription's retry_policy provides the backoff.
+    (the safety net for messages that keep killing workers); without one it is always 1. It
+    counts nacks as well, and a message cannot carry anything from one delivery to the next, so
+    every earlier delivery is taken for a hand-back (``handed_back``): the worker's budget is per
+    delivery, and the policy's max_delivery_attempts ends a message that keeps killing workers
+    (ADR 11). retry_later() is a nack: the subscription's retry_policy provides the backoff.
 
     Shutdown ends the stream before anything is handed back (stop_receiving): a nacked message is
     redelivered at once, and while this worker's stream is open the server may send it straight
@@ -2969,9 +3076,15 @@ class PubSubQueue:
             return self.future
 
     def _raise_if_ended(self) -> None:
-        """The stream ended for good: subscription gone, permission denied."""
+        """The stream ended (subscription gone, permission denied: the client retries transient
+        errors itself): raise its error once, and let the next receive open a new stream. The
+        worker backs off between receives, so it recovers when the cause is fixed; before, it
+        exited and its pod was restarted for the same effect."""
         future = self._stream()
         if future is not None and future.done() and not self.stopped:
+            with self._lock:
+                if self.future is future:
+                    self.future = None
             with _translated(google_error, "queue"):
                 future.result()
 
@@ -2996,11 +3109,13 @@ class PubSubQueue:
 
     @staticmethod
     def _message(item: Any) -> Message:
+        deliveries = item.delivery_attempt or 1
         return Message(
             body=bytes(item.data),
-            receive_count=item.delivery_attempt or 1,
+            receive_count=deliveries,
             handle=item,
             message_id=item.message_id,
+            handed_back=deliveries - 1,
         )
 
     def _settle(self, message: Message, through_stream: Callable[[], None]) -> bool:
@@ -3025,13 +3140,28 @@ class PubSubQueue:
             self.stop_receiving()  # returns once the stream is down: never release into it
             self._modify_deadline([message.handle], 0)
 
-    def extend(self, message: Message, seconds: float) -> None:
-        """While the stream runs the client's lease management extends every message it holds;
-        once it stopped, the worker's heartbeat does, for messages not yet handed back."""
+    def hand_back(self, message: Message) -> None:
+        """A nack like any other: Pub/Sub counts it in delivery_attempt whatever we do."""
+        self.retry_later(message, 0)
+
+    def extend(self, message: Message, seconds: float) -> bool:
+        """While the stream runs the client's lease management extends every message it holds,
+        up to ``max_lease`` after receipt: past that it lets the lease lapse (False). Once the
+        stream stopped, the worker's heartbeat extends messages not yet handed back; an ack id
+        the server rejects is a lease lost."""
+        if time.time() - message.received_at > self.max_lease:
+            return False
         with self._lock:
             renew = self.stopped and message.message_id in self._held
-        if renew:
+        if not renew:
+            return True
+        try:
             self._modify_deadline([message.handle], min(self.lease, seconds))
+        except Exception as exc:
+            if _pubsub_ack_id_invalid(exc) or _pubsub_ack_id_invalid(exc.__cause__):
+                return False
+            raise
+        return True
 
     def _modify_deadline(self, items: list[Any], seconds: float) -> None:
         """Synchronous ModifyAckDeadline (0: deliverable again at once)."""
@@ -3456,6 +3586,12 @@ class Metrics:
             "queue_lag_seconds", "Event age when received", buckets=DURATION_BUCKETS, registry=reg
         )
         self.ready = Gauge("worker_ready", "1 when /ready answers 200", registry=reg)
+        self.queue_errors = Counter(
+            "queue_errors",
+            "Failed calls to the queue, by operation (each one is retried or left for redelivery)",
+            ("operation",),
+            registry=reg,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -3493,7 +3629,9 @@ def make_logger(level: str = "INFO", stream: TextIO | None = None) -> Any:
 
 class Readiness:
     """Answers /ready: the queue and every store reachable and the worker not draining. Checks are
-    cached for a few seconds so a probe storm cannot hammer the cloud APIs."""
+    cached for a few seconds so a probe storm cannot hammer the cloud APIs. The worker also
+    reports what it sees itself (``report``): a queue that fails its calls makes /ready 503 at
+    once, for as long as the failures last, not only when a probe's own check happens to fail."""
 
     def __init__(
         self,
@@ -3505,15 +3643,27 @@ class Readiness:
         self.checks, self.ttl, self.clock = checks, ttl, clock
         self.draining = threading.Event()
         self._cached: tuple[float, list[str]] | None = None
-        self._lock = threading.Lock()
+        self._reported: dict[str, str] = {}
+        self._lock = threading.Lock()  # held while checks run, which may take seconds
+        self._reported_lock = threading.Lock()  # so a report never waits for a check
+
+    def report(self, name: str, problem: str | None) -> None:
+        """Set (or with None clear) a problem the worker observed, shown until cleared."""
+        with self._reported_lock:
+            if problem is None:
+                self._reported.pop(name, None)
+            else:
+                self._reported[name] = problem
 
     def problems(self) -> list[str]:
         if self.draining.is_set():
             return ["draining"]
+        with self._reported_lock:
+            reported = [f"{name}: {text}" for name, text in self._reported.items()]
         with self._lock:
             if self._cached is None or self.clock() - self._cached[0] > self.ttl:
                 self._cached = (self.clock(), self._run_checks())
-            return self._cached[1]
+            return reported + self._cached[1]
 
     def _run_checks(self) -> list[str]:
         failed = []
@@ -3727,9 +3877,95 @@ def _labels(event: TransferEvent | None) -> tuple[str, str]:
     return (event.source.provider, event.destination.provider)
 
 
+class LeaseLost(Exception):
+    """Raised into a transfer whose message's lease is gone: another worker may own the message
+    now, so this one stops at its next chunk (the engine aborts the upload) rather than race the
+    other one to commit. Not a failed attempt and not a hand-back: nothing is settled."""
+
+
+def backoff_wait(config: Config) -> tenacity.wait.wait_base:
+    """The worker's one backoff curve: --backoff-initial x 2^n plus up to --backoff-initial of
+    jitter, at most --backoff-max. Transfer retries and failed queue calls both use it."""
+    return tenacity.wait_exponential_jitter(
+        multiplier=config.backoff_initial, max=config.backoff_max, jitter=config.backoff_initial
+    )
+
+
+def backoff_delay(config: Config, failures: int) -> float:
+    """``backoff_wait`` as a number, for a loop that is not a tenacity retry (the heartbeat)."""
+    jitter = random.uniform(0, config.backoff_initial)  # noqa: S311 - jitter, not a secret
+    return min(config.backoff_max, config.backoff_initial * 2 ** (failures - 1) + jitter)
+
+
+def _retry_on_transient(exc: BaseException) -> bool:
+    """Queue calls worth repeating: retryable errors, and SDK exceptions not classified yet (an
+    adapter lets through what its translation does not know, e.g. a refused connection)."""
+    if isinstance(exc, TransferError):
+        return exc.retryable
+    return isinstance(exc, Exception) and not isinstance(exc, ShutdownRequested)
+
+
+class QueueOutage:
+    """Failed queue calls, wherever they happen (receive loop, heartbeat, settling threads): each
+    one counted in ``queue_errors_total{operation}``; one WARNING when a streak of failures
+    starts and one INFO, with the count, when a call succeeds again; and /ready answers 503
+    while the streak lasts. One streak for the queue as a whole: in a regional blip receive,
+    extend and ack fail together, and that is one outage to an operator, not three."""
+
+    def __init__(
+        self,
+        log: Any,
+        metrics: Metrics | None = None,
+        readiness: Readiness | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log, self.metrics, self.readiness, self.clock = log, metrics, readiness, clock
+        self.failures = 0  # in the current streak
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def failed(self, operation: str, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_errors.labels(operation).inc()
+        reason = getattr(exc, "reason", "unclassified")  # a raw SDK exception: not classified
+        with self._lock:  # readiness is updated under it: a late report never undoes a newer one
+            self.failures += 1
+            if self.failures > 1:
+                return
+            self._since = self.clock()
+            self.log.warning(
+                "Queue unreachable; backing off until it answers again",
+                operation=operation,
+                reason=reason,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            if self.readiness is not None:
+                self.readiness.report("queue", f"unreachable ({operation} failed: {reason})")
+
+    def succeeded(self) -> None:
+        with self._lock:
+            if not self.failures:
+                return
+            failures, self.failures = self.failures, 0
+            self.log.info(
+                "Queue reachable again",
+                failures=failures,
+                outage_seconds=round(self.clock() - self._since, 3),
+            )
+            if self.readiness is not None:
+                self.readiness.report("queue", None)
+
+
 class Heartbeat:
     """Keeps in-flight messages hidden: every third of the visibility timeout (of 600 s at most),
-    extends each one. Owns one named thread that waits on its stop event, never on sleep."""
+    extends each one. Owns one named thread that waits on its stop event, never on sleep.
+
+    An extension that fails because the queue cannot be reached brings the next beat forward
+    along the worker's backoff (a lease must not lapse while the next beat is 100 s away); once
+    the last successful extension is older than the visibility timeout the lease has certainly
+    expired. That, or the queue answering that the receipt is no longer valid, is reported to
+    ``on_lost``: another worker may own the message now."""
 
     def __init__(
         self,
@@ -3737,12 +3973,23 @@ class Heartbeat:
         in_flight: Callable[[], list[Message]],
         visibility_timeout: float,
         log: Any,
+        *,
+        outage: QueueOutage | None = None,
+        on_lost: Callable[[Message, str], None] | None = None,
+        backoff: Callable[[int], float] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue, self.in_flight, self.log = queue, in_flight, log
         self.visibility_timeout = visibility_timeout
         # A Pub/Sub extension lasts at most 600 s whatever is asked, so a third of a longer
         # visibility timeout would let leases lapse between beats.
         self.interval = min(visibility_timeout, PUBSUB_MAX_DEADLINE) / 3
+        self.outage = outage or QueueOutage(log)
+        self.on_lost = on_lost or (lambda message, why: None)
+        self.backoff = backoff or (lambda failures: min(30.0, 2.0 ** (failures - 1)))
+        self.clock = clock
+        self.failures = 0  # beats in a row in which an extension could not reach the queue
+        self._renewed: dict[str, float] = {}  # message id -> time of its last extension
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -3752,15 +3999,39 @@ class Heartbeat:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def next_wait(self) -> float:
+        if not self.failures:
+            return self.interval
+        return min(self.interval, self.backoff(self.failures))
+
     def _run(self) -> None:
-        while not self.stop_event.wait(self.interval):
-            for message in self.in_flight():
-                try:
-                    self.queue.extend(message, self.visibility_timeout)
-                except Exception as exc:  # noqa: BLE001 - the next beat tries again
-                    self.log.warning(
-                        "Could not extend visibility", message_id=message.message_id, error=str(exc)
-                    )
+        while not self.stop_event.wait(self.next_wait()):
+            self.beat()
+
+    def beat(self) -> None:
+        """Extend every in-flight message once."""
+        messages = self.in_flight()
+        reached = [self._extend(message) for message in messages]
+        self.failures = 0 if all(reached) else self.failures + 1
+        live = {message.message_id for message in messages}
+        self._renewed = {key: at for key, at in self._renewed.items() if key in live}
+
+    def _extend(self, message: Message) -> bool:
+        """False when the queue could not be reached."""
+        try:
+            kept = self.queue.extend(message, self.visibility_timeout)
+        except Exception as exc:  # noqa: BLE001 - counted, logged once per streak, tried again
+            self.outage.failed("extend", exc)
+            renewed = self._renewed.get(message.message_id, message.received_at)
+            if self.clock() - renewed > self.visibility_timeout:
+                self.on_lost(message, "lease_expired")
+            return False
+        self.outage.succeeded()
+        if kept is False:  # `is`: an older queue's extend answers None, which is not a loss
+            self.on_lost(message, "receipt_invalid")
+        else:
+            self._renewed[message.message_id] = self.clock()
+        return True
 
 
 class Worker:
@@ -3798,6 +4069,11 @@ class Worker:
         self._in_flight_lock = threading.Condition()
         self._stop_requested_at: float | None = None
         self._cancelled: set[str] = set()  # message ids handed back by the drain
+        self._lost: set[str] = set()  # message ids whose lease the heartbeat saw lost
+        self._failed: set[str] = set()  # message ids whose delivery had a failed attempt
+        self._released: set[str] = set()  # message ids handed back (once each)
+        self.outage = QueueOutage(log, metrics, readiness)
+        self.heartbeat: Heartbeat | None = None
         self._work: queue_module.SimpleQueue[tuple[int, Message] | None] = (
             queue_module.SimpleQueue()
         )
@@ -3807,7 +4083,16 @@ class Worker:
 
     def run(self, *, once: bool = False) -> None:
         """Work until stop() (or, with ``once``, until the queue is empty), then drain."""
-        heartbeat = Heartbeat(self.queue, self.in_flight, self.config.visibility_timeout, self.log)
+        heartbeat = self.heartbeat = Heartbeat(
+            self.queue,
+            self._leased,
+            self.config.visibility_timeout,
+            self.log,
+            outage=self.outage,
+            on_lost=self._lose_lease,
+            backoff=functools.partial(backoff_delay, self.config),
+            clock=self.clock,
+        )
         heartbeat.start()
         self._start_pool()
         self.log.info(
@@ -3821,8 +4106,8 @@ class Worker:
                     continue
                 # --once never waits on an empty queue: it waits for its own transfers instead,
                 # and stops when both are done.
-                messages = self.queue.receive(
-                    min(free, 10), 0.0 if once else self.queue.receive_wait
+                messages = self._receive(
+                    min(free, 10), 0.0 if once else self.queue.receive_wait, once=once
                 )
                 if once and not messages and not self._wait_for_a_transfer():
                     # Two empty polls in a row with nothing running: one empty answer is not
@@ -3841,6 +4126,37 @@ class Worker:
             self.queue.close()
             self.log.info("Worker stopped", worker_id=self.config.worker_id)
 
+    def _receive(self, count: int, wait: float, *, once: bool) -> list[Message]:
+        """One receive, tried again with backoff for as long as the queue fails: one failed
+        receive used to end run(), so in a regional blip every pod crash-looped together. Only
+        ``run --once`` gives up, on a permanent error (a batch run against a queue that does not
+        exist should fail, not wait for ever). A stop request ends the backoff: nothing."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_when_event_set(self.stop_event),
+            wait=backoff_wait(self.config),
+            retry=tenacity.retry_if_exception(
+                lambda e: _retry_on_transient(e) or (not once and isinstance(e, TransferError))
+            ),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        try:
+            return list(retrying(self._queue_call, "receive", self.queue.receive, count, wait))
+        except Exception:
+            if self.stop_event.is_set():  # incl. ShutdownRequested out of the backoff
+                return []
+            raise
+
+    def _queue_call(self, operation: str, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)``, its failure counted and reported to /ready (QueueOutage)."""
+        try:
+            result = call(*args)
+        except Exception as exc:
+            self.outage.failed(operation, exc)
+            raise
+        self.outage.succeeded()
+        return result
+
     def stop(self) -> None:
         """Stop receiving; run() then drains. Safe to call from a signal handler (sets a flag)."""
         self._stop_requested_at = time.monotonic()  # the drain timeout counts from the signal
@@ -3849,6 +4165,12 @@ class Worker:
     def in_flight(self) -> list[Message]:
         with self._in_flight_lock:
             return list(self._in_flight.values())
+
+    def _leased(self) -> list[Message]:
+        """What the heartbeat keeps hidden: in flight and not handed back (an extension would
+        hide a handed-back message again while its transfer winds down)."""
+        with self._in_flight_lock:
+            return [m for m in self._in_flight.values() if m.message_id not in self._released]
 
     def _wait_for_free_slot(self) -> int:
         with self._in_flight_lock:
@@ -3894,6 +4216,8 @@ class Worker:
             self.metrics.in_flight.dec()
             with self._in_flight_lock:
                 self._in_flight.pop(slot, None)
+                for ids in (self._lost, self._failed, self._released):
+                    ids.discard(message.message_id)
                 self._in_flight_lock.notify_all()
 
     def _drain(self) -> None:
@@ -3921,12 +4245,40 @@ class Worker:
                 self._in_flight_lock.wait_for(lambda: not self._in_flight, timeout=5.0)
 
     def _hand_back(self, message: Message) -> None:
-        """Shutdown hand-back. The queue stops receiving first: Pub/Sub redelivers a nacked
-        message at once, possibly down this worker's own stream, where nobody would read it."""
+        """Shutdown hand-back, once per message (the drain and the interrupted transfer both
+        ask). The queue stops receiving first: Pub/Sub redelivers a nacked message at once,
+        possibly down this worker's own stream, where nobody would read it. Only a delivery
+        whose attempts all succeeded or were cut short goes back as a hand-back, which the
+        queue does not count as an attempt (ADR 11); after a failed attempt it is a plain retry,
+        so that failure stays counted."""
+        with self._in_flight_lock:
+            if message.message_id in self._released:
+                return
+            self._released.add(message.message_id)
+            failed = message.message_id in self._failed
         self.queue.stop_receiving()
-        self._settle_quietly(functools.partial(self.queue.retry_later, message, 0))
+        if failed:
+            retry = functools.partial(self.queue.retry_later, message, 0)
+            self._settle_quietly("retry_later", retry, patient=False)
+        else:
+            hand_back = functools.partial(self.queue.hand_back, message)
+            self._settle_quietly("hand_back", hand_back, patient=False)
+
+    def _lose_lease(self, message: Message, why: str) -> None:
+        """The heartbeat's ``on_lost``: the transfer stops at its next chunk."""
+        with self._in_flight_lock:
+            if message.message_id in self._lost:
+                return
+            self._lost.add(message.message_id)
+        self.log.warning(
+            "Lease lost; stopping the transfer (another worker may own the message now)",
+            message_id=message.message_id,
+            reason=why,
+        )
 
     def _stop_if_handed_back(self, message: Message) -> None:
+        if message.message_id in self._lost:
+            raise LeaseLost()
         if message.message_id in self._cancelled:
             raise ShutdownRequested()
 
@@ -3938,7 +4290,8 @@ class Worker:
         started = self.clock()
         event: TransferEvent | None = None
         log = self.log.bind(message_id=message.message_id)
-        attempts = [message.receive_count - 1]  # earlier deliveries each made at least one
+        # Earlier deliveries each made at least one attempt, unless they were handed back.
+        attempts = [max(0, message.receive_count - 1 - message.handed_back)]
         try:
             event = parse_event(
                 message.body, self.validator, max_bytes=self.config.max_message_bytes
@@ -3954,6 +4307,8 @@ class Worker:
             )
             self._check_allowed(event)
             result = self._transfer_with_retries(event, message, attempts, log)
+        except LeaseLost:
+            log.warning("Transfer stopped, nothing settled: its lease was lost", outcome="released")
         except ShutdownRequested:
             self._hand_back(message)
             log.info("Transfer interrupted by shutdown; message handed back", outcome="released")
@@ -3979,18 +4334,20 @@ class Worker:
         self, event: TransferEvent, message: Message, attempts: list[int], log: Any
     ) -> TransferResult:
         """Attempts = 1 + the event's maxRetries (capped by --max-retries), counting earlier
-        deliveries, so a message that keeps crashing workers still ends in the dead-letter queue."""
+        deliveries that were not handed back, so a message that keeps crashing workers still ends
+        in the dead-letter queue while rollouts and scale-ins do not use up its budget."""
         budget = 1 + min(event.max_retries, self.config.max_retries)
         remaining = budget - attempts[0]
         if remaining <= 0:
             self._abort_stale_uploads(event, log)
             raise PermanentError(
-                f"delivered {message.receive_count} times without settling "
-                f"(attempt budget {budget})",
+                f"delivered {message.receive_count} times without settling, "
+                f"{message.handed_back} of them handed back (attempt budget {budget})",
                 reason="retries_exhausted",
             )
 
         def attempt() -> TransferResult:
+            self._stop_if_handed_back(message)  # lost or handed back during the backoff
             attempts[0] += 1
             token = ATTEMPT_LOG.set(log)
             try:
@@ -4002,14 +4359,10 @@ class Worker:
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(remaining),
-            wait=tenacity.wait_exponential_jitter(
-                multiplier=self.config.backoff_initial,
-                max=self.config.backoff_max,
-                jitter=self.config.backoff_initial,
-            ),
+            wait=backoff_wait(self.config),
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, RetryableError)),
             sleep=self.sleep,
-            before_sleep=lambda state: self._on_retry(event, state, log),
+            before_sleep=lambda state: self._on_retry(message, event, state, log),
             reraise=True,
         )
         try:
@@ -4032,7 +4385,11 @@ class Worker:
         if aborted:
             log.info("Aborted uploads left by earlier deliveries", uploads_aborted=aborted)
 
-    def _on_retry(self, event: TransferEvent, state: tenacity.RetryCallState, log: Any) -> None:
+    def _on_retry(
+        self, message: Message, event: TransferEvent, state: tenacity.RetryCallState, log: Any
+    ) -> None:
+        with self._in_flight_lock:
+            self._failed.add(message.message_id)
         exc = state.outcome.exception() if state.outcome else None
         reason = getattr(exc, "reason", "transient")
         self.metrics.retries.labels(*_labels(event), reason).inc()
@@ -4060,7 +4417,7 @@ class Worker:
         log: Any,
     ) -> None:
         labels = _labels(event)
-        self._settle_quietly(lambda: self.queue.ack(message))
+        self._settle_quietly("ack", functools.partial(self.queue.ack, message))
         duration = self.clock() - started
         self.metrics.duration.labels(*labels, result.outcome).observe(duration)
         if result.outcome == "skipped":
@@ -4101,15 +4458,12 @@ class Worker:
             event=event,
             clock=self.clock,
         )
-        try:
-            self.queue.dead_letter(message, envelope)
-        except Exception as dlq_exc:  # noqa: BLE001 - keep the message: it is redelivered later
-            log.error(
-                "Could not dead-letter; message left for redelivery",
-                reason=exc.reason,
-                error=str(dlq_exc),
-            )
-            self._settle_quietly(lambda: self.queue.retry_later(message, self.config.backoff_max))
+        if not self._settle_quietly(
+            "dead_letter", functools.partial(self.queue.dead_letter, message, envelope)
+        ):  # keep the message: it is redelivered later
+            log.error("Could not dead-letter; message left for redelivery", reason=exc.reason)
+            retry = functools.partial(self.queue.retry_later, message, self.config.backoff_max)
+            self._settle_quietly("retry_later", retry, patient=False)
             return
         labels = _labels(event)
         duration = self.clock() - started
@@ -4130,13 +4484,40 @@ class Worker:
             bytes_transferred=0,
         )
 
-    def _settle_quietly(self, settle: Callable[[], None]) -> None:
-        """Ack / hand-back failures are logged, not raised: the queue redelivers the message, and
-        the idempotency check turns the redelivery into a skip."""
+    def _settle_quietly(
+        self, operation: str, settle: Callable[[], None], *, patient: bool = True
+    ) -> bool:
+        """Ack, dead-letter and hand-back, tried again with backoff while the queue fails
+        transiently (``patient``): for about one visibility timeout, after which the lease is
+        gone anyway, and never past a stop request. What still fails is logged, not raised: the
+        queue redelivers the message, and the idempotency check turns the redelivery into a
+        skip. True when the queue took it."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self._settle_tries() if patient else 1)
+            | tenacity.stop_when_event_set(self.stop_event),
+            wait=backoff_wait(self.config),
+            retry=tenacity.retry_if_exception(_retry_on_transient),
+            sleep=self.sleep,
+            reraise=True,
+        )
         try:
-            settle()
-        except Exception as exc:  # noqa: BLE001
-            self.log.error("Could not settle message with the queue", error=str(exc))
+            retrying(self._queue_call, operation, settle)
+        except Exception as exc:  # noqa: BLE001 - see above; ShutdownRequested out of a backoff too
+            self.log.error(
+                "Could not settle message with the queue",
+                operation=operation,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return False
+        return True
+
+    def _settle_tries(self) -> int:
+        """Enough tries that the backoff between them spans one visibility timeout."""
+        waited, tries = 0.0, 1
+        while waited < self.config.visibility_timeout and tries < 100:
+            waited += min(self.config.backoff_max, self.config.backoff_initial * 2 ** (tries - 1))
+            tries += 1
+        return tries
 
 
 def make_envelope(

@@ -361,6 +361,17 @@ data "aws_iam_policy_document" "worker" {
     resources = [aws_sqs_queue.events.arn]
   }
 
+  # A shutdown hand-back (rollout, scale-in, drain timeout) re-sends the body with its delivery
+  # and hand-back counts, then deletes the original, so hand-backs do not use up the event's
+  # attempt budget or the redrive policy's maxReceiveCount (ADR.md 10). Without it the worker
+  # falls back to visibility 0, and each hand-back counts as a failed attempt.
+  statement {
+    sid       = "QueueHandBack"
+    effect    = "Allow"
+    actions   = ["sqs:SendMessage"]
+    resources = [aws_sqs_queue.events.arn]
+  }
+
   statement {
     sid       = "DeadLetterSend"
     effect    = "Allow"
