@@ -165,6 +165,12 @@ class Config:
     chunk_size: int = _setting(1 * MiB, "bytes read from the source at a time", minimum=64 * 1024)
     backoff_initial: float = _setting(1.0, "first retry delay in seconds (then x2 with jitter)")
     backoff_max: float = _setting(30.0, "largest retry delay in seconds")
+    unreachable_grace: float = _setting(
+        300.0,
+        "seconds an event keeps retrying, with backoff, while a store's endpoint cannot be "
+        "reached (refused, DNS, connect timeout) before those attempts count against its retries",
+        minimum=0,
+    )
     max_message_bytes: int = _setting(
         256 * 1024, "larger message bodies are dead-lettered", minimum=1024
     )
@@ -1597,6 +1603,9 @@ THROTTLED, UNAVAILABLE, NETWORK, TIMEOUT, CREDENTIALS = (
     "credentials",
 )
 CONFLICT = "conflict"  # a concurrent operation on the same bucket, key or upload
+# No connection could be made (refused, DNS, a connect timeout, the proxy): the request never
+# reached the service, so the endpoint is down for every event, not this one's fault.
+UNREACHABLE = "unreachable"
 DAMAGED = "damaged_in_transit"  # bytes that disagree with a checksum computed where they came from
 CLOCK_SKEW = "clock_skew"  # a request signed too far from the server's time
 TRANSIENT = RetryableError.default_reason  # an SDK transport error nothing here knows by name
@@ -1639,6 +1648,8 @@ def _transport_error(
     raises. None for everything else: our own bugs."""
     import urllib3
 
+    if _never_connected(exc):
+        return RetryableError(text, reason=UNREACHABLE)
     if isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError, *timeouts)):
         return RetryableError(text, reason=TIMEOUT)
     broken = (ConnectionError, urllib3.exceptions.HTTPError, http.client.HTTPException)
@@ -1647,6 +1658,39 @@ def _transport_error(
     if _from_sdk_transport(exc):
         return RetryableError(text, reason=TRANSIENT)
     return None
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """The connection was never made, for exceptions wrapped as the SDKs wrap them (requests and
+    google-auth around urllib3's MaxRetryError around NewConnectionError, botocore's own)."""
+    import botocore.exceptions as bex
+    import requests
+    import urllib3
+
+    kinds = (
+        bex.EndpointConnectionError,  # refused, DNS
+        bex.ConnectTimeoutError,
+        bex.ProxyConnectionError,
+        requests.exceptions.ConnectTimeout,
+        requests.exceptions.ProxyError,
+        urllib3.exceptions.NewConnectionError,  # NameResolutionError is one too
+        ConnectionRefusedError,
+        socket.gaierror,
+    )
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        if isinstance(item, bex.SSLError):  # a connection was made: TLS failed on it
+            return False
+        if isinstance(item, kinds):
+            return True
+        seen.add(id(item))
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None)]
+        todo += [arg for arg in item.args if isinstance(arg, BaseException)]
+    return False
 
 
 def _permanent_reason(side: str) -> str:
@@ -3883,6 +3927,30 @@ class LeaseLost(Exception):
     other one to commit. Not a failed attempt and not a hand-back: nothing is settled."""
 
 
+class AttemptBudget(tenacity.stop.stop_base):
+    """tenacity's stop for one delivery: ``remaining`` failed attempts, not counting those that
+    found a store's endpoint unreachable while that outage is younger than ``grace`` seconds.
+    An endpoint that refuses connections is down for every event; counting it used up the
+    budgets of every transfer in flight during a blip of a few seconds (the outage campaign)."""
+
+    def __init__(self, remaining: int, grace: float, clock: Callable[[], float]) -> None:
+        self.remaining, self.grace, self.clock = remaining, grace, clock
+        self.counted = 0
+        self.outage_since: float | None = None
+
+    def __call__(self, state: tenacity.RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome else None
+        if getattr(error, "reason", None) == UNREACHABLE:
+            if self.outage_since is None:
+                self.outage_since = self.clock()
+            if self.clock() - self.outage_since < self.grace:
+                return False
+        else:
+            self.outage_since = None
+        self.counted += 1
+        return self.counted >= self.remaining
+
+
 def backoff_wait(config: Config) -> tenacity.wait.wait_base:
     """The worker's one backoff curve: --backoff-initial x 2^n plus up to --backoff-initial of
     jitter, at most --backoff-max. Transfer retries and failed queue calls both use it."""
@@ -4358,7 +4426,7 @@ class Worker:
                 ATTEMPT_LOG.reset(token)
 
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(remaining),
+            stop=AttemptBudget(remaining, self.config.unreachable_grace, self.clock),
             wait=backoff_wait(self.config),
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, RetryableError)),
             sleep=self.sleep,

@@ -53,15 +53,19 @@ def aws_cases() -> list[Any]:
     retry, permanent = tw.RetryableError, tw.PermanentError
     cases = [
         # failures below the API
-        (bex.EndpointConnectionError(endpoint_url=url), retry, "network"),  # refused
-        (bex.EndpointConnectionError(endpoint_url="http://s3.nowhere.invalid"), retry, "network"),
+        (bex.EndpointConnectionError(endpoint_url=url), retry, "unreachable"),  # refused
+        (
+            bex.EndpointConnectionError(endpoint_url="http://s3.nowhere.invalid"),
+            retry,
+            "unreachable",
+        ),
         (
             bex.ProxyConnectionError(proxy_url="http://proxy:3128", error="refused"),
             retry,
-            "network",
+            "unreachable",
         ),
         (bex.SSLError(endpoint_url=url, error="CERTIFICATE_VERIFY_FAILED"), retry, "network"),
-        (bex.ConnectTimeoutError(endpoint_url=url), retry, "timeout"),
+        (bex.ConnectTimeoutError(endpoint_url=url), retry, "unreachable"),
         (bex.ReadTimeoutError(endpoint_url=url), retry, "timeout"),
         (bex.ConnectionClosedError(endpoint_url=url), retry, "network"),
         (bex.ResponseStreamingError(error="reset"), retry, "network"),
@@ -125,14 +129,18 @@ def google_cases() -> list[Any]:
     crc = 'Provided CRC32C "AAAAAA==" doesn\'t match calculated CRC32C "yZRlqg==".'
     cases = [
         # failures below the API
-        (requests.exceptions.ConnectionError(refused), retry, "network"),
-        (requests.exceptions.ConnectionError(dns), retry, "network"),
-        (requests.exceptions.ProxyError("Cannot connect to proxy"), retry, "network"),
+        (requests.exceptions.ConnectionError(refused), retry, "unreachable"),
+        (requests.exceptions.ConnectionError(dns), retry, "unreachable"),
+        (requests.exceptions.ProxyError("Cannot connect to proxy"), retry, "unreachable"),
         (requests.exceptions.SSLError("CERTIFICATE_VERIFY_FAILED"), retry, "network"),
-        (requests.exceptions.ConnectTimeout("connect timed out"), retry, "timeout"),
+        (requests.exceptions.ConnectTimeout("connect timed out"), retry, "unreachable"),
         (requests.exceptions.ReadTimeout("read timed out"), retry, "timeout"),
         (requests.exceptions.ChunkedEncodingError("Connection broken"), retry, "network"),
-        (gauth.TransportError(requests.exceptions.ConnectionError(refused)), retry, "network"),
+        (
+            gauth.TransportError(requests.exceptions.ConnectionError(refused)),
+            retry,
+            "unreachable",
+        ),
         (urllib3.exceptions.SSLError("EOF occurred in violation of protocol"), retry, "network"),
         (urllib3.exceptions.ProtocolError("Connection broken"), retry, "network"),
         (http.client.IncompleteRead(b"partial", 100), retry, "network"),
@@ -351,7 +359,7 @@ def test_a_refused_endpoint_is_retried_until_it_answers(
     assert (tmp_path / dst / "dst" / "out" / "data.bin").read_bytes() == data
     retries = metrics.registry.get_sample_value(
         "retry_count_total",
-        {"source_provider": provider, "destination_provider": dst, "reason": "network"},
+        {"source_provider": provider, "destination_provider": dst, "reason": "unreachable"},
     )
     assert retries == 1
 

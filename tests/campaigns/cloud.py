@@ -949,7 +949,112 @@ def campaign_races_cloud(size: str, work: Path) -> Result:
     return Result("races-cloud", ok, summary, md, defects)
 
 
+# =================================================================================================
+# the AWS endpoint refusing connections mid-run
+# =================================================================================================
+
+
+def refuse_for(proxies: list[FaultProxy], seconds: float, upstream: str) -> None:
+    """Stop every proxy (its port now refuses connections) for ``seconds``, then put a new one
+    on each port, in place in ``proxies``."""
+    ports = [int(p.url.rsplit(":", 1)[1]) for p in proxies]
+    for proxy in proxies:
+        proxy.stop()
+    threading.Event().wait(seconds)
+    proxies[:] = [FaultProxy(upstream, port=port, max_connections=128).start() for port in ports]
+
+
+def campaign_outage_cloud(size: str, work: Path) -> Result:
+    n, outages = (40, 1) if size == "small" else (300, 3)
+    rng = random.Random(83)
+    with rig(seed=83, rates={}, with_pubsub=False) as r:
+        root = work / "root"
+        sqs_proxy = FaultProxy(r.moto_url, max_connections=128).start()
+        env = {**r.worker_env(root), "AWS_ENDPOINT_URL_SQS": sqs_proxy.url}
+        queue, dlq = r.sqs_pair()
+        planned = plan_events(r, n, _sizes("small"), rng, ("sqs",), "o")
+        submit_to(root, env, queue, [body(p.event) for p in planned])
+        port = free_port()
+        args = ("--queue", queue, "--dead-letter", dlq, "--concurrency", "4")
+        args += ("--backoff-initial", "0.5", "--backoff-max", "2", "--visibility-timeout", "10")
+        worker = WorkerProcess(root, work / "logs", "outage", *args, http_port=port, env=env)
+        proxies = [r.s3_proxy, sqs_proxy]
+        started = time.monotonic()
+        not_ready_seen = 0
+        dead: list[dict[str, Any]] = []
+        try:
+            worker.wait_http(60)
+            for number in range(outages):
+                target = (number + 1) * n // (outages + 1)
+                wait_until(
+                    lambda target=target: len(verify(r, planned, dead)[0]["transferred"]) >= target,
+                    300,
+                    "transfers before the outage",
+                    0.5,
+                )
+                outage = threading.Thread(target=refuse_for, args=(proxies, 8.0, r.moto_url))
+                outage.start()
+                while outage.is_alive():
+                    not_ready_seen += worker.http("/ready")[0] == 503
+                    threading.Event().wait(0.5)
+            deadline = time.monotonic() + (300 if size == "small" else 1500)
+            while time.monotonic() < deadline and worker.alive():
+                drain_sqs_dlq(r, dlq, dead)
+                if not verify(r, planned, dead)[0]["missing"]:
+                    break
+                threading.Event().wait(1.0)
+            elapsed = time.monotonic() - started
+            alive = worker.alive()
+            metrics = worker.http("/metrics")[1].decode() if alive else ""
+        finally:
+            code = worker.stop(40)
+            for proxy in proxies:
+                proxy.stop()
+        drain_sqs_dlq(r, dlq, dead)
+        state, reasons = verify(r, planned, dead)
+    queue_errors = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("queue_errors_total{")
+    )
+    streaks = [line for line in worker.logs() if line.get("message") == "Queue unreachable"]
+    defects = []
+    if not alive or code != 0:
+        defects.append(f"the worker did not ride out the outage (alive {alive}, exit {code})")
+    if state["missing"] or state["corrupt"]:
+        defects.append(f"lost {len(state['missing'])}, corrupt {len(state['corrupt'])}")
+    if dead:
+        defects.append(f"dead-lettered: {dict(reasons)}")
+    if not not_ready_seen:
+        defects.append("/ready never answered 503 during an outage")
+    defects += internal_errors([worker])
+    ok = not defects
+    summary = (
+        f"outage-cloud[{size}]: {'PASS' if ok else 'FAIL'} {n} events, {outages} x 8 s of "
+        f"connection refused on S3 and SQS, {elapsed:.0f} s: transferred "
+        f"{len(state['transferred'])}, dead-lettered {len(dead)}, lost {len(state['missing'])}; "
+        f"worker alive {alive}, exit {code}; {len(streaks)} 'Queue unreachable' lines, "
+        f"queue_errors_total {queue_errors:.0f}, /ready 503 seen {not_ready_seen} times"
+    )
+    md = f"""## The AWS endpoint refusing connections mid-run (SQS and S3) ({size})
+
+- Command: `python -m tests.campaigns.run --size {size} --only outage-cloud`
+- Size: {n} events (S3->GCS and GCS->S3, 1 KiB to 8 MiB) on one SQS queue (moto), one worker
+  (concurrency 4, backoff 0.5 s to 2 s, visibility timeout 10 s). {outages} time(s) during the
+  run, both the SQS and the S3 endpoint stop listening for 8 s (connection refused), then come
+  back on the same ports.
+- Result: **{"PASS" if ok else "FAIL"}** in {elapsed:.0f} s: transferred
+  {len(state["transferred"])}, dead-lettered {len(dead)}, lost {len(state["missing"])}, corrupt
+  {len(state["corrupt"])}; the worker stayed up (exit {code}); {len(streaks)} "Queue
+  unreachable" line(s) (one per streak), `queue_errors_total` {queue_errors:.0f}, `/ready`
+  answered 503 in {not_ready_seen} probes during the outages.
+- Defects: {len(defects)}{"".join(chr(10) + "  - " + d[:300] for d in defects)}
+"""
+    return Result("outage-cloud", ok, summary, md, defects)
+
+
 CLOUD_CAMPAIGNS: dict[str, Callable[[str, Path], Result]] = {
+    "outage-cloud": campaign_outage_cloud,
     "races-cloud": campaign_races_cloud,
     "faults": campaign_faults,
     "scaleout-cloud": campaign_scaleout_cloud,

@@ -35,6 +35,7 @@ ORDER = (
     "drain-cloud",
     "scaleout-cloud",
     "races-cloud",
+    "outage-cloud",
 )
 
 
@@ -49,8 +50,7 @@ def all_campaigns() -> dict:
             return Result(name, False, f"{name}[{size}]: NOT RUN ({error})", "", [error])
 
         CLOUD_CAMPAIGNS = {
-            n: (lambda s, w, n=n: unavailable(s, w, n))
-            for n in ("faults", "crashes-cloud", "drain-cloud", "scaleout-cloud", "races-cloud")
+            n: (lambda s, w, n=n: unavailable(s, w, n)) for n in ORDER if n not in LOCAL_CAMPAIGNS
         }
     campaigns.update(CLOUD_CAMPAIGNS)
     return campaigns
