@@ -43,6 +43,7 @@ import socket
 import sqlite3
 import stat
 import sys
+import sysconfig
 import threading
 import time
 import urllib.parse
@@ -76,7 +77,22 @@ if TYPE_CHECKING:
 
 SERVICE_NAME = "transfer-worker"
 ENV_PREFIX = "TRANSFER_WORKER_"
-SCHEMA_PATH = Path(__file__).with_name("event_schema.json")
+
+
+def schema_path(module_file: str = __file__) -> Path:
+    """event_schema.json beside the module (a clone, an editable install, the tests), else where
+    `pip install` put it: a top-level module has no package to carry data, so pyproject.toml
+    installs it as <prefix>/share/transfer-worker/ (the venv's, or the user's with --user)."""
+    beside = Path(module_file).with_name("event_schema.json")
+    schemes = (sysconfig.get_default_scheme(), f"{os.name}_user")
+    installed = [
+        Path(sysconfig.get_path("data", scheme)) / "share" / SERVICE_NAME / "event_schema.json"
+        for scheme in schemes
+    ]
+    return next((path for path in (beside, *installed) if path.is_file()), beside)
+
+
+SCHEMA_PATH = schema_path()
 SUPPORTED_SCHEMA_MAJOR = 1
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's lower bound for every multipart part but the last
@@ -3945,7 +3961,7 @@ def _env_default(env: str, kind: type, default: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="transfer_worker.py",
+        prog=SERVICE_NAME,
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without a command, 'run' is assumed.",
