@@ -368,10 +368,22 @@ def parse_event(
     _check_schema_version(document.get("schemaVersion"))
     error = jsonschema.exceptions.best_match(validator.iter_errors(document))
     if error is not None:
-        raise InvalidEvent(f"{error.json_path}: {error.message}")
+        raise InvalidEvent(f"{error.json_path}: {_schema_message(error)}")
     for side in ("source", "destination"):
         check_key(document[side]["key"], f"$.{side}.key")
     return _event_from_document(document)
+
+
+_BUCKET_PATHS = ("$.source.bucket", "$.destination.bucket")
+
+
+def _schema_message(error: jsonschema.exceptions.ValidationError) -> str:
+    """A bucket name that breaks its provider's naming rules is reported in the words of the
+    schema's description of them, not as the regex (200 characters for S3)."""
+    description = error.schema.get("description") if isinstance(error.schema, dict) else None
+    if error.validator == "pattern" and error.json_path in _BUCKET_PATHS and description:
+        return f"{error.instance!r} is not a valid bucket name. {description}"
+    return error.message
 
 
 def _check_schema_version(version: Any) -> None:
@@ -3930,23 +3942,65 @@ def local_queue(config: Config, path: str = "", **kwargs: Any) -> LocalQueue:
     )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field; its default comes from TRANSFER_WORKER_<FIELD> when set."""
-    group = parser.add_argument_group(
-        "settings (each also TRANSFER_WORKER_<NAME> in the environment)"
-    )
+# What each help line shows for a setting's value; a setting with choices shows them instead.
+METAVARS = {
+    "local_root": "PATH",
+    "queue": "QUEUE",
+    "dead_letter": "TARGET",
+    "part_size": "BYTES",
+    "chunk_size": "BYTES",
+    "max_message_bytes": "BYTES",
+    "http_host": "ADDRESS",
+    "http_port": "PORT",
+    "allowed_buckets": "PROVIDER:BUCKET,...",
+    "visibility_timeout": "SECONDS",
+    "drain_timeout": "SECONDS",
+    "backoff_initial": "SECONDS",
+    "backoff_max": "SECONDS",
+    "aws_role_arn": "ARN",
+    "aws_role_audience": "AUDIENCE",
+    "worker_id": "NAME",
+}
+SHOWN_DEFAULTS = {"worker_id": "<hostname>-<pid>"}  # the real one names this help's own process
+# The settings each command reads; `run` reads them all. submit reaches SQS with the worker's
+# AWS identity, and writes to the local queue under --local-root unless told otherwise.
+COMMAND_SETTINGS = {
+    "submit": ("local_root", "queue", "max_message_bytes", "aws_role_arn", "aws_role_audience"),
+    "validate": ("max_message_bytes",),
+    "dlq": ("local_root", "queue", "dead_letter"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = ()) -> None:
+    """A flag for each of the named Config fields (all by default); its default comes from
+    TRANSFER_WORKER_<FIELD> when set."""
+    group = parser.add_argument_group("settings (flag, else environment variable, else default)")
+    wanted = set(names)
     for field in dataclasses.fields(Config):
+        if wanted and field.name not in wanted:
+            continue
         env = ENV_PREFIX + field.name.upper()
         kind = type(field.default)
+        choices = field.metadata.get("choices")
         group.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
             type=kind,
             default=_env_default(env, kind, field.default),
-            metavar=env if kind is str else kind.__name__.upper(),
-            choices=field.metadata.get("choices"),
-            help=f"{field.metadata['help']} (default: {field.default!r}; env {env})",
+            metavar=None if choices else METAVARS.get(field.name, "N"),
+            choices=choices,
+            help=_setting_help(field, env),
         )
+
+
+def _setting_help(field: dataclasses.Field[Any], env: str) -> str:
+    """The field's help, its default unless the help already says it or it is empty, its
+    environment variable."""
+    text = field.metadata["help"]
+    default = SHOWN_DEFAULTS.get(field.name, field.default)
+    if "default" in text or default == "":
+        return f"{text} [env {env}]"
+    return f"{text} (default: {default}) [env {env}]"
 
 
 def _env_default(env: str, kind: type, default: Any) -> Any:
@@ -3967,42 +4021,54 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a command, 'run' is assumed.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = commands.add_parser("run", help="consume the queue and transfer (the default)")
+    text = "consume the queue and transfer (the default)"
+    run = commands.add_parser("run", help=text, description=text)
     run.add_argument("--once", action="store_true", help="exit 0 once the queue is empty")
+    add_config_arguments(run)
     for name, text in (
         ("submit", "validate and enqueue events from FILE or - (stdin)"),
         ("validate", "check events in FILE or - (stdin) against the schema"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("file", metavar="FILE", help="a JSON object, a JSON array, or JSON lines")
         if name == "submit":
-            sub.add_argument(
-                "--to",
-                default="",
-                help="SQS queue URL, projects/P/topics/T or a "
-                "SQLite path (default: the local queue)",
-            )
-            sub.add_argument(
-                "--no-validate",
-                action="store_true",
-                help="enqueue the bodies as they are (to see how poison is treated)",
-            )
+            add_submit_arguments(sub)
+        add_config_arguments(sub, COMMAND_SETTINGS[name])
     dlq = commands.add_parser("dlq", help="inspect or redrive the local dead-letter table")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
     for name, text in (
         ("list", "print dead-letter envelopes as JSON lines"),
         ("redrive", "put dead-lettered bodies back on the queue"),
     ):
-        action = dlq_commands.add_parser(name, help=text)
-        action.add_argument("--event-id", default=None, help="only this event")
-        add_config_arguments(action)
-    for sub in (run, commands.choices["submit"], commands.choices["validate"]):
-        add_config_arguments(sub)
+        action = dlq_commands.add_parser(name, help=text, description=text)
+        action.add_argument("--event-id", metavar="ID", default=None, help="only this event")
+        add_config_arguments(action, COMMAND_SETTINGS["dlq"])
     return parser
 
 
+def add_submit_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--to",
+        metavar="TARGET",
+        default="",
+        help="SQS queue URL, projects/P/topics/T or a SQLite path "
+        "(default: --queue, else the local queue)",
+    )
+    sub.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="enqueue the bodies as they are (to see how poison is treated)",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    """The flags the command has, the environment or the defaults for the settings it has not."""
+    values = {
+        f.name: getattr(args, f.name)
+        if hasattr(args, f.name)
+        else _env_default(ENV_PREFIX + f.name.upper(), type(f.default), f.default)
+        for f in dataclasses.fields(Config)
+    }
     config = Config(**values)
     config.validate()
     return config
@@ -4012,7 +4078,15 @@ def read_bodies(source: str, *, validate: bool) -> list[bytes]:
     """Message bodies from a file: one JSON object, a JSON array of them, or JSON lines. Without
     validation, text that is not JSON at all is taken as one body per line."""
     raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    text = raw.decode("utf-8", errors="surrogateescape").strip()
+    bodies = _split_bodies(raw.decode("utf-8", errors="surrogateescape").strip(), validate)
+    if not bodies:
+        # An empty file or pipe is a mistake (a wrong path, a producer that wrote nothing), not
+        # a success: "ok: 0 valid events" hid it.
+        raise ValueError(f"no events in {'standard input' if source == '-' else source}")
+    return bodies
+
+
+def _split_bodies(text: str, validate: bool) -> list[bytes]:
     try:
         document = json.loads(text)
     except ValueError:

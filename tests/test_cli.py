@@ -3,6 +3,7 @@ its help and messages, and `submit --wait`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import transfer_worker as tw
 from tests.installed import ROOT, install_worker
 
 EXAMPLE = ROOT / "examples" / "event.json"
@@ -110,3 +112,205 @@ def test_documents_spell_the_command_transfer_worker(relative: str) -> None:
     text = (ROOT / relative).read_text(encoding="utf-8")
     assert not re.findall(rf"transfer_worker\.py\s+{COMMAND_WORDS}", text)
     assert not re.findall(r"\"transfer_worker\.py\"", text)
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. Help and messages
+# -------------------------------------------------------------------------------------------------
+
+HELP_COMMANDS = [["run"], ["submit"], ["validate"], ["dlq", "list"], ["dlq", "redrive"]]
+
+
+def help_text(capsys: pytest.CaptureFixture[str], *command: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        tw.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def setting_flags(text: str) -> set[str]:
+    """The setting flags a help text lists (its 'settings' section)."""
+    section = text.split("settings (", 1)[1] if "settings (" in text else ""
+    return set(re.findall(r"^  (--[a-z-]+)", section, re.M))
+
+
+def option_entry(text: str, flag: str) -> str:
+    """An option's lines in a help text: its own and the indented ones under it."""
+    match = re.search(rf"^  {flag}\b.*\n(?:^ {{4,}}\S.*\n)*", text, re.M)
+    assert match, f"{flag} not in the help"
+    return " ".join(match.group(0).split())
+
+
+ALL_FLAGS = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(tw.Config)}
+
+
+@pytest.fixture
+def wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option: the checks read lines
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=" ".join)
+def test_help_placeholders_are_values_and_names_the_variables(
+    wide: None, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    text = help_text(capsys, *command)
+    assert not re.findall(r"--[a-z-]+ TRANSFER_WORKER_", text), "a placeholder is a variable name"
+    assert not re.findall(r"--[a-z-]+ (INT|FLOAT)\b", text), "a placeholder is a type name"
+    for flag in setting_flags(text):
+        entry = option_entry(text, flag)
+        env = "TRANSFER_WORKER_" + flag[2:].replace("-", "_").upper()
+        assert f"[env {env}]" in entry, entry
+        assert entry.count("default") <= 1, f"the default is said twice: {entry}"
+
+
+def test_placeholders_say_what_the_value_is(wide: None, capsys: pytest.CaptureFixture[str]):
+    text = help_text(capsys, "run")
+    for option in (
+        "--local-root PATH",
+        "--concurrency N",
+        "--visibility-timeout SECONDS",
+        "--part-size BYTES",
+        "--storage {local,cloud}",
+        "--worker-id NAME",
+    ):
+        assert f"  {option} " in text or f"  {option}\n" in text, option
+    assert "(default: <hostname>-<pid>)" in text
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["run"], ALL_FLAGS),
+        (["validate"], {"--max-message-bytes"}),
+        (
+            ["submit"],
+            {
+                "--local-root",
+                "--queue",
+                "--max-message-bytes",
+                "--aws-role-arn",
+                "--aws-role-audience",
+            },
+        ),
+        (["dlq", "list"], {"--local-root", "--queue", "--dead-letter"}),
+        (["dlq", "redrive"], {"--local-root", "--queue", "--dead-letter"}),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_each_command_lists_the_settings_it_uses(
+    wide: None, capsys: pytest.CaptureFixture[str], command: list[str], expected: set[str]
+) -> None:
+    assert setting_flags(help_text(capsys, *command)) == expected
+
+
+def test_settings_a_command_does_not_list_still_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRANSFER_WORKER_VISIBILITY_TIMEOUT", "7")
+    args = tw.build_parser().parse_args(["validate", "x.json"])
+    assert tw.config_from_args(args).visibility_timeout == 7
+
+
+def write_event(tmp_path: Path, **sides: dict[str, str]) -> Path:
+    event = json.loads(EXAMPLE.read_text())
+    for side, values in sides.items():
+        event[side].update(values)
+    path = tmp_path / "event.json"
+    path.write_text(json.dumps(event))
+    return path
+
+
+S3_RULES = json.loads((ROOT / "event_schema.json").read_text())["$defs"]["s3Bucket"]
+GCS_RULES = json.loads((ROOT / "event_schema.json").read_text())["$defs"]["gcsBucket"]
+
+
+@pytest.mark.parametrize(
+    "bucket",
+    [
+        "ab",
+        "a" * 64,
+        "Upper",
+        "under_score",
+        "-dash",
+        "dash-",
+        "a..b",
+        "192.168.1.1",
+        "xn--abc",
+        "sthree-abc",
+        "amzn-s3-demo-abc",
+        "abc-s3alias",
+        "abc--ol-s3",
+        "abc.mrap",
+        "abc--x-s3",
+        "abc--table-s3",
+    ],
+)
+def test_bad_s3_bucket_is_explained_in_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bucket: str
+) -> None:
+    """Each name breaks one rule the message states; the regex is not printed."""
+    path = write_event(tmp_path, source={"bucket": bucket})
+    assert tw.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"invalid event: $.source.bucket: {bucket!r} is not a valid bucket name. "
+        f"{S3_RULES['description']}"
+    )
+    assert "(?!" not in err
+
+
+@pytest.mark.parametrize(
+    "bucket",
+    [
+        "ab",
+        "a" * 64,
+        "goog-data",
+        "my-google-data",
+        "my-g00gle-data",
+        "a..b",
+        "10.0.0.1",
+        "_ab",
+        ".".join(["a" * 63] * 3 + ["a" * 40]),  # 232 characters with dots
+        "a." + "b" * 64,  # a dot-separated part of 64
+    ],
+)
+def test_bad_gcs_bucket_is_explained_in_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bucket: str
+) -> None:
+    path = write_event(tmp_path, destination={"bucket": bucket})
+    assert tw.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"invalid event: $.destination.bucket: {bucket!r} is not a valid bucket name. "
+        f"{GCS_RULES['description']}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("side", "bucket"),
+    [
+        ("source", "abc"),
+        ("source", "a" * 63),
+        ("source", "my.data-1"),
+        ("destination", "my_data.bucket-1"),
+        ("destination", ".".join(["a" * 63] * 3) + ".abcd"),  # 196 characters with dots
+    ],
+)
+def test_good_buckets_pass(tmp_path: Path, side: str, bucket: str) -> None:
+    assert tw.main(["validate", str(write_event(tmp_path, **{side: {"bucket": bucket}}))]) == 0
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n", "[]"], ids=["empty", "blank", "empty-array"])
+@pytest.mark.parametrize("command", ["validate", "submit"])
+def test_no_events_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, command: str
+) -> None:
+    path = tmp_path / "events.json"
+    path.write_text(content)
+    root = tmp_path / "storage"
+    extra = ["--local-root", str(root)] if command == "submit" else []
+    assert tw.main([command, *extra, str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"error: no events in {path}"
+    assert "ok:" not in captured.out
+    assert not (root / "queue.db").exists()  # nothing was opened, nothing enqueued
