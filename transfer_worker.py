@@ -1020,6 +1020,30 @@ class LocalQueue:
     def forget_dead_letter(self, row_id: int) -> None:
         self._write("DELETE FROM dead_letters WHERE id = ?", (row_id,))
 
+    def last_dead_letter(self) -> int:
+        """The id of the newest dead-letter row (0 if none): later rows are newer."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM dead_letters").fetchone()
+        return int(row[0])
+
+    def dead_letters_after(self, row_id: int) -> list[tuple[int, dict[str, Any]]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, envelope FROM dead_letters WHERE id > ? ORDER BY id", (row_id,)
+            ).fetchall()
+        return [(found, json.loads(text)) for found, text in rows]
+
+    def pending(self, message_ids: Iterable[int]) -> set[int]:
+        """Which of these messages are still queued: neither acknowledged nor dead-lettered."""
+        ids, found = list(message_ids), set[int]()
+        for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))  # only placeholders go into the text
+            query = f"SELECT id FROM messages WHERE id IN ({marks})"  # noqa: S608  # nosec B608
+            with self._lock:
+                found.update(row[0] for row in self._db.execute(query, chunk).fetchall())
+        return found
+
     def depth(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
@@ -3965,7 +3989,10 @@ SHOWN_DEFAULTS = {"worker_id": "<hostname>-<pid>"}  # the real one names this he
 # The settings each command reads; `run` reads them all. submit reaches SQS with the worker's
 # AWS identity, and writes to the local queue under --local-root unless told otherwise.
 COMMAND_SETTINGS = {
-    "submit": ("local_root", "queue", "max_message_bytes", "aws_role_arn", "aws_role_audience"),
+    "submit": (
+        *("local_root", "queue", "dead_letter", "max_message_bytes"),
+        *("aws_role_arn", "aws_role_audience"),
+    ),
     "validate": ("max_message_bytes",),
     "dlq": ("local_root", "queue", "dead_letter"),
 }
@@ -4059,6 +4086,20 @@ def add_submit_arguments(sub: argparse.ArgumentParser) -> None:
         action="store_true",
         help="enqueue the bodies as they are (to see how poison is treated)",
     )
+    sub.add_argument(
+        "--wait",
+        action="store_true",
+        help="local queue only: print each event's outcome once the worker settled it; exit 0 "
+        "if all were transferred or skipped, 1 if any was dead-lettered, "
+        f"{EXIT_WAIT_TIMEOUT} on --wait-timeout",
+    )
+    sub.add_argument(
+        "--wait-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=600.0,
+        help="how long --wait waits for the outcomes (default: 600; 0: no limit)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -4129,11 +4170,96 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     bodies = read_bodies(args.file, validate=not args.no_validate)
     if not args.no_validate:
         check_bodies(bodies, config)
-    publisher = build_publisher(args.to or config.queue, config)
-    for body in bodies:
-        publisher.publish(body, priority=peek_priority(body))
+    spec = args.to or config.queue
+    if args.wait and _registered(PUBLISHERS, spec) is not None:
+        raise ValueError(
+            "--wait follows events on a local (SQLite) queue only; for SQS or Pub/Sub watch "
+            "the worker's logs, its metrics or the dead-letter queue"
+        )
+    publisher = build_publisher(spec, config)
+    watch = OutcomeWatch(publisher, dead_letter_table(config, publisher)) if args.wait else None
+    ids = [publisher.publish(body, priority=peek_priority(body)) for body in bodies]
     print(f"submitted {len(bodies)} message(s)", file=sys.stderr)
-    return 0
+    if watch is None:
+        return 0
+    return watch.wait(dict(zip(ids, bodies, strict=True)), timeout=args.wait_timeout)
+
+
+EXIT_WAIT_TIMEOUT = 3  # submit --wait: some events had no outcome yet when the wait ended
+
+
+def dead_letter_table(config: Config, publisher: LocalQueue) -> LocalQueue:
+    """Where the worker records the dead letters of the local queue ``publisher``."""
+    if not config.dead_letter:
+        return publisher
+    if _registered(PUBLISHERS, config.dead_letter) is not None:
+        raise ValueError("--wait reads dead letters from a SQLite table, not from --dead-letter")
+    return local_queue(config, config.dead_letter)
+
+
+class OutcomeWatch:
+    """The outcome of events submitted to a local queue, read from the queue alone: a message
+    that is gone was settled; it was dead-lettered if an envelope with its message and event id
+    was written since the submission (the worker writes the envelope before it deletes the
+    message, or with it in one transaction), else it was transferred or skipped."""
+
+    def __init__(
+        self,
+        queue: LocalQueue,
+        dead_letters: LocalQueue,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        poll_interval: float = 0.2,
+        out: TextIO | None = None,
+    ) -> None:
+        self.queue, self.dead_letters = queue, dead_letters
+        self.clock, self.sleep, self.poll_interval = clock, sleep, poll_interval
+        self.out = out or sys.stdout
+        self.baseline = dead_letters.last_dead_letter()  # older envelopes are not ours
+
+    def wait(self, submitted: Mapping[int, bytes], *, timeout: float) -> int:
+        """Print each outcome as it comes; 0 all done, 1 any dead-lettered, EXIT_WAIT_TIMEOUT
+        when ``timeout`` seconds (0: no limit) pass first."""
+        waiting = dict(submitted)
+        deadline = self.clock() + timeout if timeout > 0 else float("inf")
+        dead = 0
+        while True:
+            settled = set(waiting) - self.queue.pending(waiting)
+            dead += self._report(sorted(settled), waiting)
+            if not waiting:
+                return 1 if dead else 0
+            if self.clock() >= deadline:
+                return self._timed_out(len(waiting), len(submitted), timeout)
+            self.sleep(self.poll_interval)
+
+    def _report(self, settled: Sequence[int], waiting: dict[int, bytes]) -> int:
+        if not settled:
+            return 0
+        envelopes = {
+            (str(envelope.get("message_id")), envelope.get("event_id")): envelope
+            for _, envelope in self.dead_letters.dead_letters_after(self.baseline)
+        }
+        dead = 0
+        for message_id in settled:
+            event_id = _peek_ids(waiting.pop(message_id))[0]
+            envelope = envelopes.get((str(message_id), event_id))
+            label = event_id or f"message {message_id}"
+            if envelope is None:
+                print(f"{label}: done (transferred or skipped)", file=self.out, flush=True)
+                continue
+            dead += 1
+            reason, error = envelope.get("reason"), envelope.get("error")
+            print(f"{label}: dead-lettered ({reason}): {error}", file=self.out, flush=True)
+        return dead
+
+    def _timed_out(self, left: int, total: int, timeout: float) -> int:
+        print(
+            f"error: timed out after {timeout:g} s: {left} of {total} event(s) still on "
+            f"{self.queue.path} (is a worker consuming it?)",
+            file=sys.stderr,
+        )
+        return EXIT_WAIT_TIMEOUT
 
 
 def cmd_dlq(args: argparse.Namespace, config: Config) -> int:

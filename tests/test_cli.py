@@ -4,10 +4,15 @@ its help and messages, and `submit --wait`."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
+import socket
 import subprocess
+import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -187,6 +192,7 @@ def test_placeholders_say_what_the_value_is(wide: None, capsys: pytest.CaptureFi
             {
                 "--local-root",
                 "--queue",
+                "--dead-letter",
                 "--max-message-bytes",
                 "--aws-role-arn",
                 "--aws-role-audience",
@@ -314,3 +320,206 @@ def test_no_events_is_an_error(
     assert captured.err.strip() == f"error: no events in {path}"
     assert "ok:" not in captured.out
     assert not (root / "queue.db").exists()  # nothing was opened, nothing enqueued
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. submit --wait
+# -------------------------------------------------------------------------------------------------
+
+
+def event_body(**changes: object) -> bytes:
+    event = json.loads(EXAMPLE.read_text())
+    event["eventId"] = str(uuid.uuid4())
+    event.update(changes)
+    return json.dumps(event).encode()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def watching(
+    queue: tw.LocalQueue, act: Callable[[int], None], clock: FakeClock | None = None
+) -> tuple[tw.OutcomeWatch, io.StringIO]:
+    """An OutcomeWatch whose sleeps run ``act(n)``, the n-th step of a stand-in worker, and move
+    the fake clock: no real time passes."""
+    clock = clock or FakeClock()
+    calls = iter(range(1000))
+
+    def sleep(seconds: float) -> None:
+        clock.now += seconds
+        act(next(calls))
+
+    out = io.StringIO()
+    return tw.OutcomeWatch(queue, queue, clock=clock, sleep=sleep, out=out), out
+
+
+def dead_letter(queue: tw.LocalQueue, message: tw.Message, reason: str, error: str) -> None:
+    exc = tw.PermanentError(error, reason=reason)
+    queue.dead_letter(message, tw.make_envelope(message, exc, attempts=1, worker_id="w"))
+
+
+def test_wait_prints_each_outcome_and_exits_1_on_a_dead_letter(tmp_path: Path) -> None:
+    queue = tw.LocalQueue(tmp_path / "queue.db")
+    bodies = [event_body(), event_body()]
+    received: list[tw.Message] = []
+
+    def worker(step: int) -> None:  # the first is acknowledged at once, the second later fails
+        received.extend(queue.receive(10, 0))
+        if step == 0:
+            queue.ack(received[0])
+        if step == 3:
+            dead_letter(queue, received[1], "not_found", "source object does not exist")
+
+    watch, out = watching(queue, worker)
+    ids = [queue.publish(body) for body in bodies]
+    assert watch.wait(dict(zip(ids, bodies, strict=True)), timeout=60) == 1
+    first, second = (json.loads(body)["eventId"] for body in bodies)
+    assert out.getvalue().splitlines() == [
+        f"{first}: done (transferred or skipped)",
+        f"{second}: dead-lettered (not_found): source object does not exist",
+    ]
+
+
+def test_wait_ignores_an_older_dead_letter_of_the_same_event(tmp_path: Path) -> None:
+    """A resubmitted event that failed before, and is transferred now, exits 0."""
+    queue = tw.LocalQueue(tmp_path / "queue.db")
+    body = event_body()
+    queue.publish(body)
+    [old] = queue.receive(1, 0)
+    dead_letter(queue, old, "not_found", "source object does not exist")
+    watch, out = watching(queue, lambda step: [queue.ack(m) for m in queue.receive(10, 0)])
+    new_id = queue.publish(body)
+    assert watch.wait({new_id: body}, timeout=60) == 0
+    assert out.getvalue().endswith(": done (transferred or skipped)\n")
+
+
+def test_wait_times_out_with_its_own_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = tw.LocalQueue(tmp_path / "queue.db")
+    clock = FakeClock()
+    watch, out = watching(queue, lambda step: None, clock)
+    bodies = [event_body(), event_body()]
+    ids = [queue.publish(body) for body in bodies]
+    assert watch.wait(dict(zip(ids, bodies, strict=True)), timeout=5) == tw.EXIT_WAIT_TIMEOUT
+    assert 5 <= clock.now < 5.5
+    assert out.getvalue() == ""
+    assert capsys.readouterr().err.strip() == (
+        f"error: timed out after 5 s: 2 of 2 event(s) still on {tmp_path / 'queue.db'} "
+        "(is a worker consuming it?)"
+    )
+
+
+def test_wait_refuses_a_cloud_target_before_enqueueing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/transfers"
+    code = tw.main(["submit", "--wait", "--to", url, str(EXAMPLE)])
+    assert code == 2
+    assert "--wait follows events on a local (SQLite) queue only" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_worker(command: list[str], cwd: Path, **env: str) -> subprocess.Popen[bytes]:
+    log = (cwd / "worker.log").open("wb")  # a file, not a pipe: it can never fill and block
+    return subprocess.Popen(
+        [*command, "run"], cwd=cwd, env=outside_env(**env), stdout=log, stderr=log
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_submit_wait_against_a_running_worker(tmp_path: Path) -> None:
+    """The real CLI both sides: one event is transferred, one names a missing source."""
+    root = tmp_path / "storage"
+    source = root / "aws_s3" / "source-data-bucket" / "data" / "2024" / "01" / "file.parquet"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(os.urandom(100_000))
+    good = event_body()
+    missing = json.loads(event_body())
+    missing["source"]["key"] = "data/missing.parquet"
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(good + b"\n" + json.dumps(missing).encode() + b"\n")
+    command = [sys.executable, str(ROOT / "transfer_worker.py")]
+    env = {"TRANSFER_WORKER_LOCAL_ROOT": str(root), "TRANSFER_WORKER_HTTP_PORT": "0"}
+    worker = start_worker(command, tmp_path, **env)
+    try:
+        result = subprocess.run(
+            [*command, "submit", "--wait", "--wait-timeout", "50", str(events)],
+            env=outside_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    finally:
+        stop(worker)
+    assert result.returncode == 1, result.stderr
+    assert sorted(result.stdout.splitlines()) == sorted(
+        [
+            f"{json.loads(good)['eventId']}: done (transferred or skipped)",
+            f"{missing['eventId']}: dead-lettered (source_not_found): "
+            "source s3://source-data-bucket/data/missing.parquet does not exist",
+        ]
+    )
+    copy = root / "gcp_gcs" / "destination-data-bucket" / "imports" / "2024" / "01"
+    assert (copy / "file.parquet").read_bytes() == source.read_bytes()
+
+
+def readme_block(heading: str) -> str:
+    """The first ```bash block after ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text.split(heading, 1)[1]
+    match = re.search(r"```bash\n(.*?)```", after, re.S)
+    assert match, f"no bash block after {heading!r}"
+    return match.group(1)
+
+
+def test_readme_first_transfer_pasted_whole(installed: Path, tmp_path: Path) -> None:
+    """The block run as written in a clone (its .venv the installed copy), next to the worker
+    `make run` starts: every line succeeds, in order, with no waiting in between."""
+    (tmp_path / ".venv").symlink_to(installed.parent)
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "event.json").write_bytes(EXAMPLE.read_bytes())
+    port = free_port()
+    block = readme_block("### A first transfer, in local mode")
+    assert "localhost:8080" in block
+    block = block.replace("localhost:8080", f"localhost:{port}")
+    env = {"TRANSFER_WORKER_HTTP_PORT": str(port), "TRANSFER_WORKER_HTTP_HOST": "127.0.0.1"}
+    worker = start_worker([str(installed / "transfer-worker")], tmp_path, **env)
+    try:
+        result = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", block],
+            cwd=tmp_path,
+            env=outside_env(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    finally:
+        stop(worker)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "550e8400-e29b-41d4-a716-446655440000: done (transferred or skipped)"
+    assert " 5000000 " in lines[1] and lines[1].endswith("imports/2024/01/file.parquet")
+    assert lines[2] == (
+        'transfer_success_total{destination_provider="gcp_gcs",source_provider="aws_s3"} 1.0'
+    )
