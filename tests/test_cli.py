@@ -8,9 +8,11 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import transfer_worker as tw
+from conftest import AWS_REGION
 from tests.installed import ROOT, install_worker
 
 EXAMPLE = ROOT / "examples" / "event.json"
@@ -523,3 +526,50 @@ def test_readme_first_transfer_pasted_whole(installed: Path, tmp_path: Path) -> 
     assert lines[2] == (
         'transfer_success_total{destination_provider="gcp_gcs",source_provider="aws_s3"} 1.0'
     )
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. An idle SQS worker stops promptly
+# -------------------------------------------------------------------------------------------------
+
+
+def wait_for_log(path: Path, text: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while text not in path.read_text(errors="replace"):
+        assert process.poll() is None, path.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, f"no {text!r} in the log"
+        time.sleep(0.05)
+
+
+def test_idle_sqs_worker_exits_promptly_on_sigterm(aws_env: str, tmp_path: Path) -> None:
+    """An idle worker is inside a long poll when SIGTERM comes; it exits 0 within the poll
+    (5 s), not the 20 s it took with the longest poll."""
+    import boto3
+
+    sqs = boto3.client("sqs", endpoint_url=aws_env, region_name=AWS_REGION)
+    queue, dead = (
+        sqs.create_queue(QueueName=f"{name}-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+        for name in ("idle", "idle-dlq")
+    )
+    command = [sys.executable, str(ROOT / "transfer_worker.py")]
+    worker = start_worker(
+        [*command],
+        tmp_path,
+        TRANSFER_WORKER_QUEUE=queue,
+        TRANSFER_WORKER_DEAD_LETTER=dead,
+        TRANSFER_WORKER_LOCAL_ROOT=str(tmp_path / "storage"),
+        TRANSFER_WORKER_HTTP_PORT="0",
+    )
+    try:
+        wait_for_log(tmp_path / "worker.log", "Worker started", worker)
+        time.sleep(1.0)  # bounded: let the first long poll start
+        started = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
+    assert code == 0, (tmp_path / "worker.log").read_text()[-4000:]
+    assert elapsed < 7.0, f"took {elapsed:.1f} s to exit after SIGTERM"
