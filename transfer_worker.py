@@ -1039,7 +1039,7 @@ class LocalQueue:
         for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))  # only placeholders go into the text
-            query = f"SELECT id FROM messages WHERE id IN ({marks})"  # noqa: S608  # nosec B608
+            query = f"SELECT id FROM messages WHERE id IN ({marks})"  # noqa: S608
             with self._lock:
                 found.update(row[0] for row in self._db.execute(query, chunk).fetchall())
         return found

@@ -1,5 +1,5 @@
 """The command line as a newcomer meets it (issue 13): the installed `transfer-worker` command,
-its help and messages, and `submit --wait`."""
+its help and messages, `submit --wait`, and an idle SQS worker that stops when told to."""
 
 from __future__ import annotations
 
@@ -553,7 +553,7 @@ def test_idle_sqs_worker_exits_promptly_on_sigterm(aws_env: str, tmp_path: Path)
     )
     command = [sys.executable, str(ROOT / "transfer_worker.py")]
     worker = start_worker(
-        [*command],
+        command,
         tmp_path,
         TRANSFER_WORKER_QUEUE=queue,
         TRANSFER_WORKER_DEAD_LETTER=dead,
