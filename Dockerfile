@@ -2,8 +2,9 @@
 # transfer-worker container image.
 #   docker build -t transfer-worker .
 #   docker run --rm --read-only --tmpfs /tmp -v "$PWD/storage:/app/storage_simulator" transfer-worker
-# Two stages on the same exact base: `builder` makes the virtualenv, `runtime` gets only that
-# virtualenv and the two files the worker needs. No compiler is installed: every pinned
+# Two stages on the same exact base: `builder` makes the virtualenv and installs the pinned
+# dependencies and the worker into it (the `transfer-worker` command, as `pip install .` gives
+# anyone), `runtime` gets only that virtualenv. No compiler is installed: every pinned
 # dependency ships a wheel for CPython 3.11 on amd64 and arm64 (`--only-binary=:all:`).
 # Both stages use the same base, pinned to an exact patch release (written out in each FROM so
 # hadolint, checkov and test_dockerfile.py see the tag). Pin its digest too
@@ -22,7 +23,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 COPY requirements.txt /tmp/requirements.txt
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps --only-binary=:all: \
-        -r /tmp/requirements.txt \
+        -r /tmp/requirements.txt
+# The worker itself, after the dependencies so that a code change reuses their layer. --no-deps:
+# the pins above are what runs; `pip check` proves they satisfy pyproject.toml's dependencies.
+# The module lands in site-packages, its schema in /opt/venv/share/transfer-worker/.
+COPY pyproject.toml transfer_worker.py event_schema.json /tmp/src/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/src \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/pip uninstall --yes pip setuptools
 
@@ -55,8 +61,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-# transfer_worker.py loads event_schema.json from beside itself.
-COPY transfer_worker.py event_schema.json /app/
 
 # Only /app/storage_simulator (and /tmp) are written: run with --read-only --tmpfs /tmp.
 VOLUME ["/app/storage_simulator"]
@@ -68,5 +72,5 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TRANSFER_WORKER_HTTP_PORT', '8080'), timeout=3)"]
 
-ENTRYPOINT ["python", "transfer_worker.py"]
+ENTRYPOINT ["transfer-worker"]
 CMD ["run"]

@@ -11,19 +11,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==0.13.9
 
-$(VENV)/.installed: requirements.txt | $(BIN)/python
+# The pins, then the worker itself in editable mode: .venv/bin/transfer-worker runs this clone's
+# transfer_worker.py as it is edited (`pip install .` elsewhere gives the same command).
+$(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
 	$(UV) pip install --quiet --python $(BIN)/python -r requirements.txt
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt pyproject.toml | $(BIN)/python
 	$(UV) pip install --quiet --python $(BIN)/python -r requirements.txt -r requirements-dev.txt
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 run: install
-	$(BIN)/python transfer_worker.py run
+	$(BIN)/transfer-worker run
 
 test: install-dev
 	$(BIN)/python -m pytest
@@ -52,4 +56,4 @@ campaigns-full: install-dev
 	$(BIN)/python -m tests.campaigns.run --size full
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build transfer_worker.egg-info

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.installed import PACKAGE_FILES, install_worker
 
 ROOT = Path(__file__).resolve().parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -336,14 +337,27 @@ def test_dockerignore_keeps_the_context_small() -> None:
         assert excluded(path, patterns), f"{path} would be sent to the builder"
 
 
-def test_runtime_copies_only_the_worker_and_its_schema(runtime: Stage) -> None:
+def copied(stage: Stage) -> tuple[list[str], list[str]]:
+    """What a stage copies from the build context, and what from other stages."""
     from_context: list[str] = []
     from_stages: list[str] = []
-    for instruction in runtime.all("COPY") + runtime.all("ADD"):
+    for instruction in stage.all("COPY") + stage.all("ADD"):
         flags, sources, _ = copy_sources(instruction)
         (from_stages if "from" in flags else from_context).extend(sources)
-    assert sorted(from_context) == ["event_schema.json", "transfer_worker.py"]
-    assert from_stages == ["/opt/venv"]
+    return from_context, from_stages
+
+
+def test_runtime_copies_only_the_virtualenv(runtime: Stage) -> None:
+    """The worker is installed into the builder's virtualenv (the `transfer-worker` command,
+    the module in site-packages, its schema in share/), so the runtime needs nothing else."""
+    assert copied(runtime) == ([], ["/opt/venv"])
+
+
+def test_builder_installs_the_pins_and_the_package(stages: list[Stage]) -> None:
+    from_context, _ = copied(stages[0])
+    assert sorted(from_context) == sorted(("requirements.txt", *PACKAGE_FILES))
+    run_text = " ".join(i.args for i in stages[0].all("RUN"))
+    assert "-r /tmp/requirements.txt" in run_text and "pip check" in run_text
 
 
 def test_runtime_runs_as_1001(runtime: Stage) -> None:
@@ -392,7 +406,7 @@ def test_healthcheck_is_exec_form_without_curl(runtime: Stage) -> None:
 def test_entrypoint_and_cmd(runtime: Stage) -> None:
     entrypoint = runtime.last("ENTRYPOINT")
     cmd = runtime.last("CMD")
-    assert entrypoint is not None and entrypoint.exec_form() == ["python", "transfer_worker.py"]
+    assert entrypoint is not None and entrypoint.exec_form() == ["transfer-worker"]
     assert cmd is not None and cmd.exec_form() == ["run"]
 
 
@@ -401,21 +415,17 @@ def test_entrypoint_and_cmd(runtime: Stage) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builder's /opt/venv: the pins and the package built from the files it copies."""
+    return install_worker(tmp_path_factory.mktemp("image"))
+
+
 @pytest.fixture
-def image_app(runtime: Stage, tmp_path: Path) -> Path:
-    """A directory with exactly the files the runtime stage copies from the build context, laid
-    out under their destination (WORKDIR /app), like the image."""
+def image_app(tmp_path: Path) -> Path:
+    """The image's WORKDIR /app: empty, the code lives in the virtualenv."""
     app = tmp_path / "app"
     app.mkdir()
-    for instruction in runtime.all("COPY"):
-        flags, sources, destination = copy_sources(instruction)
-        if "from" in flags:
-            continue
-        assert destination.rstrip("/") == "/app", f"expected COPY ... /app/, got {destination}"
-        missing = [source for source in sources if not (ROOT / source).is_file()]
-        assert not missing, f"{missing} missing from the repository"
-        for source in sources:
-            shutil.copy2(ROOT / source, app / Path(source).name)
     return app
 
 
@@ -424,7 +434,7 @@ def image_env(runtime: Stage, tmp_path: Path, **overrides: str) -> dict[str, str
     env = dict(os.environ)
     for key, value in env_of(runtime).items():
         if key == "PATH":
-            continue  # /opt/venv/bin is sys.executable's environment here
+            continue  # the entry point is run by its path in the test virtualenv
         env[key] = value
     local_root = tmp_path / "storage_simulator"
     local_root.mkdir(exist_ok=True)
@@ -439,13 +449,14 @@ def image_env(runtime: Stage, tmp_path: Path, **overrides: str) -> dict[str, str
     return env
 
 
-def image_command(runtime: Stage, *extra: str) -> list[str]:
+def image_command(runtime: Stage, venv_bin: Path, *extra: str) -> list[str]:
+    """ENTRYPOINT + CMD, the entry point found on the image's PATH (/opt/venv/bin first)."""
     entrypoint = runtime.last("ENTRYPOINT")
     cmd = runtime.last("CMD")
     assert entrypoint is not None and cmd is not None
     command = (entrypoint.exec_form() or []) + (cmd.exec_form() or []) + list(extra)
-    assert command[0] == "python"
-    return [sys.executable, *command[1:]]
+    assert (venv_bin / command[0]).is_file(), f"{command[0]} is not in the virtualenv's bin"
+    return [str(venv_bin / command[0]), *command[1:]]
 
 
 def snapshot(directory: Path) -> dict[str, float]:
@@ -453,12 +464,12 @@ def snapshot(directory: Path) -> dict[str, float]:
 
 
 def test_image_command_runs_once_and_writes_only_its_storage(
-    runtime: Stage, image_app: Path, tmp_path: Path
+    runtime: Stage, image_venv: Path, image_app: Path, tmp_path: Path
 ) -> None:
-    before = snapshot(image_app)
+    before = snapshot(image_app), snapshot(image_venv.parent)
     env = image_env(runtime, tmp_path, TRANSFER_WORKER_HTTP_PORT="0")
     result = subprocess.run(
-        image_command(runtime, "--once"),
+        image_command(runtime, image_venv, "--once"),
         cwd=image_app,
         env=env,
         capture_output=True,
@@ -467,7 +478,7 @@ def test_image_command_runs_once_and_writes_only_its_storage(
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-4000:]
     # read-only root: nothing written beside the code (no .pyc, no state)
-    assert snapshot(image_app) == before
+    assert (snapshot(image_app), snapshot(image_venv.parent)) == before
 
 
 def free_port() -> int:
@@ -501,7 +512,7 @@ def run_healthcheck(runtime: Stage, port: int, env: dict[str, str]) -> int:
 
 
 def test_healthcheck_against_running_worker_and_sigterm(
-    runtime: Stage, image_app: Path, tmp_path: Path
+    runtime: Stage, image_venv: Path, image_app: Path, tmp_path: Path
 ) -> None:
     port = free_port()
     env = image_env(
@@ -513,7 +524,11 @@ def test_healthcheck_against_running_worker_and_sigterm(
     log_path = tmp_path / "worker.log"
     log = log_path.open("wb")  # a file, not a pipe: a chatty worker can never block on it
     process = subprocess.Popen(
-        image_command(runtime), cwd=image_app, env=env, stdout=log, stderr=subprocess.STDOUT
+        image_command(runtime, image_venv),
+        cwd=image_app,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
     def output() -> str:

@@ -1057,7 +1057,7 @@ def cli(root: Path) -> Cli:
 def test_every_command_has_help(cli: Cli, command: list[str]):
     result = cli.run(*command, "--help")
     assert result.returncode == 0
-    assert b"usage: transfer_worker.py" in result.stdout
+    assert b"usage: transfer-worker" in result.stdout
 
 
 @pytest.mark.parametrize(("src", "dst"), [("aws_s3", "gcp_gcs"), ("gcp_gcs", "aws_s3")])

@@ -49,6 +49,7 @@ import socket
 import sqlite3
 import stat
 import sys
+import sysconfig
 import threading
 import time
 import urllib.parse
@@ -83,7 +84,22 @@ if TYPE_CHECKING:
 
 SERVICE_NAME = "transfer-worker"
 ENV_PREFIX = "TRANSFER_WORKER_"
-SCHEMA_PATH = Path(__file__).with_name("event_schema.json")
+
+
+def schema_path(module_file: str = __file__) -> Path:
+    """event_schema.json beside the module (a clone, an editable install, the tests), else where
+    `pip install` put it: a top-level module has no package to carry data, so pyproject.toml
+    installs it as <prefix>/share/transfer-worker/ (the venv's, or the user's with --user)."""
+    beside = Path(module_file).with_name("event_schema.json")
+    schemes = (sysconfig.get_default_scheme(), f"{os.name}_user")
+    installed = [
+        Path(sysconfig.get_path("data", scheme)) / "share" / SERVICE_NAME / "event_schema.json"
+        for scheme in schemes
+    ]
+    return next((path for path in (beside, *installed) if path.is_file()), beside)
+
+
+SCHEMA_PATH = schema_path()
 SUPPORTED_SCHEMA_MAJOR = 1
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's lower bound for every multipart part but the last
@@ -404,10 +420,22 @@ def parse_event(
     _check_schema_version(document.get("schemaVersion"))
     error = jsonschema.exceptions.best_match(validator.iter_errors(document))
     if error is not None:
-        raise InvalidEvent(f"{error.json_path}: {error.message}")
+        raise InvalidEvent(f"{error.json_path}: {_schema_message(error)}")
     for side in ("source", "destination"):
         check_key(document[side]["key"], f"$.{side}.key")
     return _event_from_document(document)
+
+
+_BUCKET_PATHS = ("$.source.bucket", "$.destination.bucket")
+
+
+def _schema_message(error: jsonschema.exceptions.ValidationError) -> str:
+    """A bucket name that breaks its provider's naming rules is reported in the words of the
+    schema's description of them, not as the regex (200 characters for S3)."""
+    description = error.schema.get("description") if isinstance(error.schema, dict) else None
+    if error.validator == "pattern" and error.json_path in _BUCKET_PATHS and description:
+        return f"{error.instance!r} is not a valid bucket name. {description}"
+    return error.message
 
 
 def _check_schema_version(version: Any) -> None:
@@ -552,7 +580,7 @@ class MessageQueue(Protocol):
     """At-least-once delivery. ``close()`` hands back what was received but not started."""
 
     # How long one receive() may block. A shutdown is noticed only between receives, so queues
-    # whose polling is free (SQLite, the Pub/Sub client's buffer) keep it short; SQS polls 20 s.
+    # whose polling is free (SQLite, the Pub/Sub client's buffer) keep it short; SQS polls 5 s.
     receive_wait: float
 
     def receive(self, max_messages: int, wait_seconds: float) -> list[Message]: ...
@@ -1094,6 +1122,30 @@ class LocalQueue:
 
     def forget_dead_letter(self, row_id: int) -> None:
         self._write("DELETE FROM dead_letters WHERE id = ?", (row_id,))
+
+    def last_dead_letter(self) -> int:
+        """The id of the newest dead-letter row (0 if none): later rows are newer."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM dead_letters").fetchone()
+        return int(row[0])
+
+    def dead_letters_after(self, row_id: int) -> list[tuple[int, dict[str, Any]]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, envelope FROM dead_letters WHERE id > ? ORDER BY id", (row_id,)
+            ).fetchall()
+        return [(found, json.loads(text)) for found, text in rows]
+
+    def pending(self, message_ids: Iterable[int]) -> set[int]:
+        """Which of these messages are still queued: neither acknowledged nor dead-lettered."""
+        ids, found = list(message_ids), set[int]()
+        for start in range(0, len(ids), 500):  # under SQLite's limit on bound parameters
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))  # only placeholders go into the text
+            query = f"SELECT id FROM messages WHERE id IN ({marks})"  # noqa: S608
+            with self._lock:
+                found.update(row[0] for row in self._db.execute(query, chunk).fetchall())
+        return found
 
     def depth(self) -> int:
         with self._lock:
@@ -2896,7 +2948,7 @@ def _sqs_receipt_gone(exc: BaseException | None) -> bool:
 
 
 class SQSQueue:
-    """An SQS queue: long polls of up to 20 s and 10 messages, ApproximateReceiveCount as the
+    """An SQS queue: long polls of 5 s and up to 10 messages, ApproximateReceiveCount as the
     delivery count, visibility extended while a transfer runs, DeleteMessage after commit. The
     queue's own RedrivePolicy (maxReceiveCount a little above --max-retries + 1) is the safety
     net for messages that keep killing workers. ``priority`` does not exist on SQS: use one queue
@@ -2907,7 +2959,14 @@ class SQSQueue:
     receive count, and a hand-back by visibility 0 would count as a failed attempt, both for the
     worker's budget and for the redrive policy."""
 
-    receive_wait = 20.0  # the longest long poll; a shutdown is noticed after at most one poll
+    # A shutdown is noticed between polls only: a receive_message call cannot be cut short
+    # (a signal interrupts the socket read, and Python resumes it), so the longest poll, 20 s,
+    # kept an idle worker alive that long after SIGTERM, slowing every rollout and scale-in.
+    # Abandoning the call on a thread instead would exit at once, but a poll that returns after
+    # the exit takes messages nobody hands back: they stay hidden for the visibility timeout
+    # (300 s). 5 s polls cost an idle worker 12 ReceiveMessage calls a minute instead of 3
+    # (about 0.5 M a month, under $0.25), and each stays a long poll, which sees every server.
+    receive_wait = 5.0
 
     def __init__(
         self, config: Config, dead_letter_target: Publisher, *, client: Any = None
@@ -4693,23 +4752,68 @@ def local_queue(config: Config, path: str = "", **kwargs: Any) -> LocalQueue:
     )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field; its default comes from TRANSFER_WORKER_<FIELD> when set."""
-    group = parser.add_argument_group(
-        "settings (each also TRANSFER_WORKER_<NAME> in the environment)"
-    )
+# What each help line shows for a setting's value; a setting with choices shows them instead.
+METAVARS = {
+    "local_root": "PATH",
+    "queue": "QUEUE",
+    "dead_letter": "TARGET",
+    "part_size": "BYTES",
+    "chunk_size": "BYTES",
+    "max_message_bytes": "BYTES",
+    "http_host": "ADDRESS",
+    "http_port": "PORT",
+    "allowed_buckets": "PROVIDER:BUCKET,...",
+    "visibility_timeout": "SECONDS",
+    "drain_timeout": "SECONDS",
+    "backoff_initial": "SECONDS",
+    "backoff_max": "SECONDS",
+    "aws_role_arn": "ARN",
+    "aws_role_audience": "AUDIENCE",
+    "worker_id": "NAME",
+}
+SHOWN_DEFAULTS = {"worker_id": "<hostname>-<pid>"}  # the real one names this help's own process
+# The settings each command reads; `run` reads them all. submit reaches SQS with the worker's
+# AWS identity, and writes to the local queue under --local-root unless told otherwise.
+COMMAND_SETTINGS = {
+    "submit": (
+        *("local_root", "queue", "dead_letter", "max_message_bytes"),
+        *("aws_role_arn", "aws_role_audience"),
+    ),
+    "validate": ("max_message_bytes",),
+    "dlq": ("local_root", "queue", "dead_letter"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = ()) -> None:
+    """A flag for each of the named Config fields (all by default); its default comes from
+    TRANSFER_WORKER_<FIELD> when set."""
+    group = parser.add_argument_group("settings (flag, else environment variable, else default)")
+    wanted = set(names)
     for field in dataclasses.fields(Config):
+        if wanted and field.name not in wanted:
+            continue
         env = ENV_PREFIX + field.name.upper()
         kind = type(field.default)
+        choices = field.metadata.get("choices")
         group.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
             type=kind,
             default=_env_default(env, kind, field.default),
-            metavar=env if kind is str else kind.__name__.upper(),
-            choices=field.metadata.get("choices"),
-            help=f"{field.metadata['help']} (default: {field.default!r}; env {env})",
+            metavar=None if choices else METAVARS.get(field.name, "N"),
+            choices=choices,
+            help=_setting_help(field, env),
         )
+
+
+def _setting_help(field: dataclasses.Field[Any], env: str) -> str:
+    """The field's help, its default unless the help already says it or it is empty, its
+    environment variable."""
+    text = field.metadata["help"]
+    default = SHOWN_DEFAULTS.get(field.name, field.default)
+    if "default" in text or default == "":
+        return f"{text} [env {env}]"
+    return f"{text} (default: {default}) [env {env}]"
 
 
 def _env_default(env: str, kind: type, default: Any) -> Any:
@@ -4724,48 +4828,74 @@ def _env_default(env: str, kind: type, default: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="transfer_worker.py",
+        prog=SERVICE_NAME,
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without a command, 'run' is assumed.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = commands.add_parser("run", help="consume the queue and transfer (the default)")
+    text = "consume the queue and transfer (the default)"
+    run = commands.add_parser("run", help=text, description=text)
     run.add_argument("--once", action="store_true", help="exit 0 once the queue is empty")
+    add_config_arguments(run)
     for name, text in (
         ("submit", "validate and enqueue events from FILE or - (stdin)"),
         ("validate", "check events in FILE or - (stdin) against the schema"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("file", metavar="FILE", help="a JSON object, a JSON array, or JSON lines")
         if name == "submit":
-            sub.add_argument(
-                "--to",
-                default="",
-                help="SQS queue URL, projects/P/topics/T or a "
-                "SQLite path (default: the local queue)",
-            )
-            sub.add_argument(
-                "--no-validate",
-                action="store_true",
-                help="enqueue the bodies as they are (to see how poison is treated)",
-            )
+            add_submit_arguments(sub)
+        add_config_arguments(sub, COMMAND_SETTINGS[name])
     dlq = commands.add_parser("dlq", help="inspect or redrive the local dead-letter table")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
     for name, text in (
         ("list", "print dead-letter envelopes as JSON lines"),
         ("redrive", "put dead-lettered bodies back on the queue"),
     ):
-        action = dlq_commands.add_parser(name, help=text)
-        action.add_argument("--event-id", default=None, help="only this event")
-        add_config_arguments(action)
-    for sub in (run, commands.choices["submit"], commands.choices["validate"]):
-        add_config_arguments(sub)
+        action = dlq_commands.add_parser(name, help=text, description=text)
+        action.add_argument("--event-id", metavar="ID", default=None, help="only this event")
+        add_config_arguments(action, COMMAND_SETTINGS["dlq"])
     return parser
 
 
+def add_submit_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--to",
+        metavar="TARGET",
+        default="",
+        help="SQS queue URL, projects/P/topics/T or a SQLite path "
+        "(default: --queue, else the local queue)",
+    )
+    sub.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="enqueue the bodies as they are (to see how poison is treated)",
+    )
+    sub.add_argument(
+        "--wait",
+        action="store_true",
+        help="local queue only: print each event's outcome once the worker settled it; exit 0 "
+        "if all were transferred or skipped, 1 if any was dead-lettered, "
+        f"{EXIT_WAIT_TIMEOUT} on --wait-timeout",
+    )
+    sub.add_argument(
+        "--wait-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=600.0,
+        help="how long --wait waits for the outcomes (default: 600; 0: no limit)",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    """The flags the command has, the environment or the defaults for the settings it has not."""
+    values = {
+        f.name: getattr(args, f.name)
+        if hasattr(args, f.name)
+        else _env_default(ENV_PREFIX + f.name.upper(), type(f.default), f.default)
+        for f in dataclasses.fields(Config)
+    }
     config = Config(**values)
     config.validate(running=args.command == "run")
     return config
@@ -4775,7 +4905,15 @@ def read_bodies(source: str, *, validate: bool) -> list[bytes]:
     """Message bodies from a file: one JSON object, a JSON array of them, or JSON lines. Without
     validation, text that is not JSON at all is taken as one body per line."""
     raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    text = raw.decode("utf-8", errors="surrogateescape").strip()
+    bodies = _split_bodies(raw.decode("utf-8", errors="surrogateescape").strip(), validate)
+    if not bodies:
+        # An empty file or pipe is a mistake (a wrong path, a producer that wrote nothing), not
+        # a success: "ok: 0 valid events" hid it.
+        raise ValueError(f"no events in {'standard input' if source == '-' else source}")
+    return bodies
+
+
+def _split_bodies(text: str, validate: bool) -> list[bytes]:
     try:
         document = load_json(text)
     except ValueError:
@@ -4818,11 +4956,96 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     bodies = read_bodies(args.file, validate=not args.no_validate)
     if not args.no_validate:
         check_bodies(bodies, config)
-    publisher = build_publisher(args.to or config.queue, config)
-    for body in bodies:
-        publisher.publish(body, priority=peek_priority(body))
+    spec = args.to or config.queue
+    if args.wait and _registered(PUBLISHERS, spec) is not None:
+        raise ValueError(
+            "--wait follows events on a local (SQLite) queue only; for SQS or Pub/Sub watch "
+            "the worker's logs, its metrics or the dead-letter queue"
+        )
+    publisher = build_publisher(spec, config)
+    watch = OutcomeWatch(publisher, dead_letter_table(config, publisher)) if args.wait else None
+    ids = [publisher.publish(body, priority=peek_priority(body)) for body in bodies]
     print(f"submitted {len(bodies)} message(s)", file=sys.stderr)
-    return 0
+    if watch is None:
+        return 0
+    return watch.wait(dict(zip(ids, bodies, strict=True)), timeout=args.wait_timeout)
+
+
+EXIT_WAIT_TIMEOUT = 3  # submit --wait: some events had no outcome yet when the wait ended
+
+
+def dead_letter_table(config: Config, publisher: LocalQueue) -> LocalQueue:
+    """Where the worker records the dead letters of the local queue ``publisher``."""
+    if not config.dead_letter:
+        return publisher
+    if _registered(PUBLISHERS, config.dead_letter) is not None:
+        raise ValueError("--wait reads dead letters from a SQLite table, not from --dead-letter")
+    return local_queue(config, config.dead_letter)
+
+
+class OutcomeWatch:
+    """The outcome of events submitted to a local queue, read from the queue alone: a message
+    that is gone was settled; it was dead-lettered if an envelope with its message and event id
+    was written since the submission (the worker writes the envelope before it deletes the
+    message, or with it in one transaction), else it was transferred or skipped."""
+
+    def __init__(
+        self,
+        queue: LocalQueue,
+        dead_letters: LocalQueue,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        poll_interval: float = 0.2,
+        out: TextIO | None = None,
+    ) -> None:
+        self.queue, self.dead_letters = queue, dead_letters
+        self.clock, self.sleep, self.poll_interval = clock, sleep, poll_interval
+        self.out = out or sys.stdout
+        self.baseline = dead_letters.last_dead_letter()  # older envelopes are not ours
+
+    def wait(self, submitted: Mapping[int, bytes], *, timeout: float) -> int:
+        """Print each outcome as it comes; 0 all done, 1 any dead-lettered, EXIT_WAIT_TIMEOUT
+        when ``timeout`` seconds (0: no limit) pass first."""
+        waiting = dict(submitted)
+        deadline = self.clock() + timeout if timeout > 0 else float("inf")
+        dead = 0
+        while True:
+            settled = set(waiting) - self.queue.pending(waiting)
+            dead += self._report(sorted(settled), waiting)
+            if not waiting:
+                return 1 if dead else 0
+            if self.clock() >= deadline:
+                return self._timed_out(len(waiting), len(submitted), timeout)
+            self.sleep(self.poll_interval)
+
+    def _report(self, settled: Sequence[int], waiting: dict[int, bytes]) -> int:
+        if not settled:
+            return 0
+        envelopes = {
+            (str(envelope.get("message_id")), envelope.get("event_id")): envelope
+            for _, envelope in self.dead_letters.dead_letters_after(self.baseline)
+        }
+        dead = 0
+        for message_id in settled:
+            event_id = _peek_ids(waiting.pop(message_id))[0]
+            envelope = envelopes.get((str(message_id), event_id))
+            label = event_id or f"message {message_id}"
+            if envelope is None:
+                print(f"{label}: done (transferred or skipped)", file=self.out, flush=True)
+                continue
+            dead += 1
+            reason, error = envelope.get("reason"), envelope.get("error")
+            print(f"{label}: dead-lettered ({reason}): {error}", file=self.out, flush=True)
+        return dead
+
+    def _timed_out(self, left: int, total: int, timeout: float) -> int:
+        print(
+            f"error: timed out after {timeout:g} s: {left} of {total} event(s) still on "
+            f"{self.queue.path} (is a worker consuming it?)",
+            file=sys.stderr,
+        )
+        return EXIT_WAIT_TIMEOUT
 
 
 def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
