@@ -366,7 +366,9 @@ def test_an_unvalidated_cloud_config_forbids_every_bucket(root: Path):
     assert caught.value.reason == "forbidden"
 
 
-def test_commands_that_touch_no_bucket_need_no_allowlist(tmp_path: Path):
+def test_commands_that_touch_no_bucket_need_no_allowlist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     doc = {
         "schemaVersion": "1.0.0",
         "eventId": str(uuid.uuid4()),
@@ -376,7 +378,8 @@ def test_commands_that_touch_no_bucket_need_no_allowlist(tmp_path: Path):
         "destination": {"provider": "gcp_gcs", "bucket": "dest-bucket", "key": "k"},
     }
     (tmp_path / "event.json").write_text(json.dumps(doc))
-    assert tw.main(["validate", str(tmp_path / "event.json"), "--storage", "cloud"]) == 0
+    monkeypatch.setenv("TRANSFER_WORKER_STORAGE", "cloud")  # validate has no --storage flag
+    assert tw.main(["validate", str(tmp_path / "event.json")]) == 0
 
 
 # -- 6. a destination's event time from the far future is not believed ----------------------------
