@@ -921,6 +921,7 @@ class LocalUpload:
         try:
             os.link(self.temp, self.path)  # never replaces: EEXIST if the key appeared
         except FileExistsError:
+            _refuse_non_file(self.path)
             raise CommitRefused(f"{self.ref.uri} exists now; the plan saw it absent") from None
 
     def _in_new_directory(self, action: Callable[[], None]) -> None:
@@ -936,6 +937,17 @@ class LocalUpload:
             self.fd = -1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp)
+
+
+def _refuse_non_file(path: str) -> None:
+    """A directory (or FIFO, socket...) in the way of a commit is a destination error, as a
+    rename onto it was: head() reports such a key absent, so a refusal would re-plan the same
+    commit until MAX_REPLANS, reading the source each time. (A symlink stays a refusal: the
+    re-plan's head() refuses it as an invalid key.)"""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise FileExistsError(f"{path} exists and is not a regular file")
 
 
 def _fsync_dir(path: str | Path) -> None:
