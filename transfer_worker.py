@@ -682,13 +682,26 @@ class LocalMetadata:
         lock (BEGIN IMMEDIATE) is held while a commit compares the destination with what its plan
         saw, renames its file into place and records the metadata. Yields the metadata writer."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._begin_immediate(ref)
             try:
                 yield functools.partial(self._put, ref)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def _begin_immediate(self, ref: ObjectRef) -> None:
+        """The lock is held only while a commit renames and records, so one still held after the
+        busy timeout (a stalled disk, a stopped process) will be released: another attempt,
+        not an internal error."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            raise RetryableError(
+                f"the commit lock for {ref.uri} stayed busy: {exc}", reason="conflict"
+            ) from exc
 
 
 class LocalObjectStore:
