@@ -463,7 +463,7 @@ def test_an_applied_event_is_skipped_without_moving_bytes(stores, root: Path):
 @pytest.mark.parametrize(
     ("policy", "existing_sha_matches", "expected"),
     [
-        ("different", True, ("skipped", "same_content")),
+        ("different", True, ("success", None)),
         ("different", False, ("success", None)),
         ("never", False, ("skipped", "never_overwrite")),
         ("always", True, ("success", None)),
@@ -478,10 +478,23 @@ def test_overwrite_policies(stores, root, policy, existing_sha_matches, expected
     )
     engine_for(stores).transfer(first)
     put_source(root, "aws_s3", "source-bucket", "in/data.bin", data)
-    # the same time: a newer event with the same bytes is written again (test_model.py says why)
-    second = parse(make_event(timestamp="2024-01-15T10:30:00Z"))
+    # a newer event with the same bytes is written again, so it is on record (test_model.py)
+    second = parse(make_event(timestamp="2024-01-16T00:00:00Z"))
     result = engine_for(stores, policy).transfer(second)
     assert (result.outcome, result.reason) == expected
+
+
+def test_same_content_skips_identical_bytes_that_record_no_newer_event():
+    """same_content is for a destination whose SHA-256 is known but no event of ours is on
+    record for it, or the very same event; identical bytes of another event are written again
+    (test_identical_bytes_...): only then is the newest event on record."""
+    event = parse(make_event())
+    bare = tw.ObjectInfo(size=1, version="v", metadata={"sha256": "ab"})
+    assert tw.plan_skip(event, bare, "ab", "different") == "same_content"
+    assert tw.plan_skip(event, bare, "cd", "different") is None
+    older = {"sha256": "ab", "transfer-event-time": "2024-01-01T00:00:00+00:00"}
+    older_info = tw.ObjectInfo(size=1, version="v", metadata={**older, "transfer-event-id": "x"})
+    assert tw.plan_skip(event, older_info, "ab", "different") is None
 
 
 def test_identical_bytes_of_a_newer_event_are_recorded_so_an_older_one_is_stale(stores, root):

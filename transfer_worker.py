@@ -34,6 +34,7 @@ import dataclasses
 import datetime as dt
 import email.errors
 import email.header
+import errno
 import functools
 import hashlib
 import http.client
@@ -920,7 +921,6 @@ class LocalUpload:
         """Raises CommitRefused when the destination is not what the plan saw."""
         if self.replaces is None:
             self._in_new_directory(self._link)
-            os.unlink(self.temp)
             return
         try:
             current = _stat_version(os.lstat(self.path))
@@ -936,6 +936,20 @@ class LocalUpload:
         except FileExistsError:
             _refuse_non_file(self.path)
             raise CommitRefused(f"{self.ref.uri} exists now; the plan saw it absent") from None
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+            self._replace_if_absent()
+            return
+        os.unlink(self.temp)
+
+    def _replace_if_absent(self) -> None:
+        """A filesystem without hard links (FAT, exFAT, many FUSE mounts): the commit lock, which
+        every worker on this root takes, makes "still absent, then rename" atomic among them."""
+        if os.path.lexists(self.path):
+            _refuse_non_file(self.path)
+            raise CommitRefused(f"{self.ref.uri} exists now; the plan saw it absent")
+        os.replace(self.temp, self.path)
 
     def _in_new_directory(self, action: Callable[[], None]) -> None:
         try:
@@ -950,6 +964,10 @@ class LocalUpload:
             self.fd = -1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp)
+
+
+# os.link's answers on a filesystem that has no hard links.
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV})
 
 
 def _refuse_non_file(path: str) -> None:
@@ -2487,11 +2505,17 @@ class S3Upload:
 
     @contextlib.contextmanager
     def _conditional(self) -> Iterator[None]:
-        """The commit's own translation: a 412 is a refused commit, and so is S3's 404 NoSuchKey
-        for an If-Match whose object was deleted since the plan saw it."""
+        """The commit's own translation: a 412 is a refused commit, and so are S3's 404 NoSuchKey
+        for an If-Match whose object was deleted since the plan saw it and its 409
+        ConditionalRequestConflict (another conditional write of the key overlapped ours): the
+        re-plan sees the winner, at no cost to the event's retries."""
         try:
             with _translated(aws_error, "destination"):
                 yield
+        except RetryableError as exc:
+            if _aws_code(exc) == "ConditionalRequestConflict":
+                raise CommitRefused(f"{self.ref.uri}: a conditional write overlapped") from exc
+            raise
         except PermanentError as exc:
             if "IfMatch" in self.condition and _aws_code(exc) == "NoSuchKey":
                 raise CommitRefused(f"{self.ref.uri} was deleted since it was planned") from exc
@@ -3433,8 +3457,8 @@ def plan_skip(
         and (expected_sha256 in (None, dst_sha))
     ):
         return "already_applied"
-    written_at = dst.metadata.get(META_EVENT_TIME)
-    if written_at and _newer(written_at, event.timestamp, latest):
+    recorded = _recorded_order(dst)
+    if recorded and recorded > _order(event) and (latest is None or recorded[0] <= latest):
         return "stale_event"
     if overwrite == "never":
         return "never_overwrite"
@@ -3450,23 +3474,25 @@ def same_content(dst: ObjectInfo | None, sha256: str | None, event: TransferEven
     bytes (the model test found it)."""
     if dst is None or not sha256 or dst.metadata.get(META_SHA256) != sha256:
         return False
+    recorded = _recorded_order(dst)
+    return not (recorded and recorded < _order(event))
+
+
+def _order(event: TransferEvent) -> tuple[dt.datetime, str]:
+    """Events of one key in order: by time, and two of the same instant by event id, so that
+    every worker agrees which of them is the newest (producers stamping milliseconds tie
+    often; with time alone, each duplicate of either rewrote the other's bytes)."""
+    return (event.timestamp, event.event_id)
+
+
+def _recorded_order(dst: ObjectInfo) -> tuple[dt.datetime, str] | None:
+    """_order of the event the destination records; None when it records none we can read."""
     written_at = dst.metadata.get(META_EVENT_TIME)
-    return not (written_at and _recorded_older(written_at, event.timestamp))
-
-
-def _recorded_older(written_at: str, event_time: dt.datetime) -> bool:
     try:
-        return parse_time(written_at) < event_time
+        written = parse_time(written_at) if written_at else None
     except ValueError:
-        return False
-
-
-def _newer(written_at: str, event_time: dt.datetime, latest: dt.datetime | None = None) -> bool:
-    try:
-        written = parse_time(written_at)
-    except ValueError:
-        return False
-    return written > event_time and (latest is None or written <= latest)
+        return None
+    return None if written is None else (written, dst.metadata.get(META_EVENT_ID, ""))
 
 
 class DigestSet:

@@ -209,13 +209,22 @@ def test_an_older_multipart_event_planned_on_an_existing_object_is_refused(
     assert side.read("out") == newer
 
 
-def test_a_refused_commit_that_finds_the_same_bytes_is_same_content(side: Side) -> None:
-    """Same bytes, same event time: nothing to write. (Same bytes from a newer event are written
-    again, so that the newer time is on record: see test_model.py.)"""
-    data = os.urandom(SMALL)
-    result_a, result_b = race(side, a=(NEW, data), b=(NEW, data))
-    assert result_b.outcome == "success"
-    assert (result_a.outcome, result_a.reason) == ("skipped", "same_content")
+def test_two_deliveries_of_one_event_at_once_write_once(side: Side) -> None:
+    """A redelivery (a lapsed lease) runs while the first delivery is still streaming: the one
+    that commits second is refused and re-plans to already_applied."""
+    side.put("src/a", data := os.urandom(SMALL))
+    engine = tw.TransferEngine({side.provider: side.store})
+    event = event_for(side.ref("src/a"), side.ref("out"), NEW)
+    results: dict[str, tw.TransferResult] = {}
+
+    def redelivered_meanwhile(_: int) -> None:
+        if "second" not in results:
+            results["second"] = engine.transfer(event)
+
+    results["first"] = engine.transfer(event, on_progress=redelivered_meanwhile)
+    assert results["second"].outcome == "success"
+    assert (results["first"].outcome, results["first"].reason) == ("skipped", "already_applied")
+    assert side.read("out") == data
 
 
 def test_a_destination_deleted_after_the_plan_saw_it_is_written_again(side: Side) -> None:

@@ -80,9 +80,6 @@ def test_s3_an_older_event_overwrites_a_newer_one_that_rewrote_identical_bytes(
     assert side.read("out") == x
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finding 2: CreateMultipartUpload aborts a concurrent delivery's upload"
-)
 def test_s3_two_multipart_deliveries_of_one_event_abort_each_other(aws_env: str) -> None:
     """Two deliveries of one large event at once (a lease that lapsed under a long transfer):
     the second delivery's CreateMultipartUpload aborts the first's upload (_abort_others), so the
@@ -193,38 +190,31 @@ def _document(event: tw.TransferEvent) -> dict[str, Any]:
 # -- event times -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="finding 3: nothing orders two events of one instant"
-)
-@pytest.mark.parametrize(
-    "times",
-    [
-        ("2026-06-01T00:00:00.123Z", "2026-06-01T00:00:00.123Z"),
-        ("2026-06-01T00:00:00.1234567Z", "2026-06-01T00:00:00.1234569Z"),
-    ],
-    ids=["same-millisecond", "nanoseconds-apart"],
-)
-def test_a_duplicate_of_an_event_tied_in_time_replaces_the_other_events_bytes(
-    tmp_path: Path, times: tuple[str, str]
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_events_tied_in_time_converge_on_one_and_duplicates_change_nothing(
+    tmp_path: Path, first: str
 ) -> None:
-    """Two events with the same timestamp (to the microsecond: producers stamping milliseconds
-    tie often, and digits past the sixth are dropped by parse_time) for one key. A committed,
-    then B. A duplicate delivery of A is not stale (not strictly older) and not the same
-    content, so it writes A again: a duplicate changed the destination, and B's redelivery
-    flips it back. Nothing orders two events of one instant."""
+    """Two events with the same timestamp (producers stamping milliseconds tie often) for one
+    key, applied in either order, then a duplicate of each. Before, nothing ordered two events of
+    one instant: a duplicate of A after B was neither stale nor the same content, so it wrote A
+    again, and B's redelivery flipped it back. Now the event id breaks the tie: every order ends
+    with the same event's bytes, and duplicates are skipped."""
     side = local_side(tmp_path)
-    a, b = os.urandom(SMALL), os.urandom(SMALL)
-    side.put("src/a", a)
-    side.put("src/b", b)
+    data = {"a": os.urandom(SMALL), "b": os.urandom(SMALL)}
+    for name, payload in data.items():
+        side.put(f"src/{name}", payload)
     engine = tw.TransferEngine({side.provider: side.store})
-    event_a = event_for(side.ref("src/a"), side.ref("out"), times[0])
-    event_b = event_for(side.ref("src/b"), side.ref("out"), times[1])
-    assert engine.transfer(event_a).outcome == "success"
-    assert engine.transfer(event_b).outcome == "success"
-    settled = side.read("out")
-    duplicate = engine.transfer(event_a)
-    assert duplicate.outcome == "skipped", duplicate
-    assert side.read("out") == settled
+    when = "2026-06-01T00:00:00.123Z"
+    events = {n: event_for(side.ref(f"src/{n}"), side.ref("out"), when) for n in data}
+    newest = max(data, key=lambda n: events[n].event_id)
+    order = [first, "b" if first == "a" else "a"]
+    for name in order:
+        engine.transfer(events[name])
+    assert side.read("out") == data[newest]
+    for name in order:
+        duplicate = engine.transfer(events[name])
+        assert duplicate.outcome == "skipped", duplicate
+    assert side.read("out") == data[newest]
 
 
 # -- local store -----------------------------------------------------------------------------------
@@ -479,9 +469,6 @@ def test_local_a_directory_swapped_for_a_symlink_before_the_link_writes_outside_
     assert list(outside.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finding 9 (design): no bound on event timestamps ahead of the clock"
-)
 def test_an_event_stamped_in_the_future_freezes_the_key(tmp_path: Path) -> None:
     """A producer whose clock is a year ahead sends one event; it is accepted and recorded. Every
     later event for that key, for a year, is skipped as stale_event: acknowledged, counted as a
@@ -653,11 +640,6 @@ S3_CONFLICT = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding 10: S3 409 ConditionalRequestConflict fails the attempt, not a re-plan",
-)
 def test_s3_a_409_conditional_request_conflict_replans_like_a_refusal(
     aws_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -709,9 +691,6 @@ def test_local_an_error_after_the_rename_dead_letters_an_event_whose_bytes_are_v
     assert side.read("out") != data, "a failed commit left its object visible"
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="finding 11: local commits need hard links now"
-)
 def test_local_a_root_on_a_filesystem_without_hard_links_can_still_be_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
