@@ -2478,6 +2478,12 @@ class _BodyPipe:
 GCS_RESUMES = 3  # resumptions of one resumable upload before its attempt fails as a whole
 
 
+class _ResumeRefused(RetryableError):
+    """A resumed request refused (400): the session does not hold what it said it did. Asking it
+    again would repeat the mistake, so the attempt fails and the next one opens a new session.
+    (gcp-storage-emulator answers ``bytes=0-0``, one byte, when it holds none.)"""
+
+
 def _persisted(response: Any) -> int:
     """How many bytes a resumable session holds, from a 308's ``Range: bytes=0-N`` (no Range:
     none yet)."""
@@ -2604,6 +2610,11 @@ class GCSUpload:
             )
             if response.status_code == 308:
                 self._check_persisted(response, end, final=final)
+            elif response.status_code == 400 and self.resumes:
+                raise _ResumeRefused(
+                    f"GCS refused {self.ref.uri} resumed at byte {first}: {response.text[:300]}",
+                    reason=CONFLICT,
+                )
             else:
                 _raise_for_response(response)
         return response
@@ -2631,7 +2642,7 @@ class GCSUpload:
         asks for the bytes handed over that it lost. Past GCS_RESUMES, ``failure`` fails the
         attempt, which starts a new session."""
         self.resumes += 1
-        if self.resumes > GCS_RESUMES:
+        if self.resumes > GCS_RESUMES or isinstance(failure, _ResumeRefused):
             raise failure
         if self.pipe is not None:
             self.pipe.cancel()  # its request ended; nothing reads what it still holds
@@ -2665,11 +2676,10 @@ class GCSUpload:
                 response = self.store.client._http.put(
                     self.session_url, data=b"", headers=headers, timeout=self.store.timeout
                 )
-                if response.status_code in (404, 410):  # expired or cancelled: start anew
-                    raise RetryableError(
-                        f"the upload session of {self.ref.uri} is gone", reason=CONFLICT
-                    )
-                _raise_for_response(response)
+                if response.status_code not in (404, 410):
+                    _raise_for_response(response)
+        if response.status_code in (404, 410):  # expired or cancelled: the next attempt opens one
+            raise RetryableError(f"the upload session of {self.ref.uri} is gone", reason=CONFLICT)
         if response.status_code == 308:
             return _persisted(response), None
         return self.size, dict(response.json())

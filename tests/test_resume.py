@@ -70,7 +70,8 @@ class Seen:
 
 
 # What to do with the n-th (from 1) request of a kind: forward only that many body bytes then
-# break the connection (None: forward it whole), or "lose" the answer (forward whole, then reset).
+# break the connection (None: forward it whole), "lose" the answer (forward whole, then reset),
+# or "throttle" (answer 429 itself; nothing reaches the server).
 Rule = Callable[[int], "int | str | None"]
 
 
@@ -139,10 +140,16 @@ class SessionProxy:
                 if seen.kind == "status" and upload_id in proxy.finalised:
                     self._answer(200, proxy.finalised[upload_id])  # GCS; the emulator says 404
                     return
+                if action == "throttle":
+                    self.rfile.read(length)
+                    self._answer(429, b'{"error": {"code": 429, "message": "slow down"}}')
+                    return
                 cut = action if isinstance(action, int) else None
-                body = self.rfile.read(length if cut is None else min(cut, length))
+                wanted = length if cut is None else min(cut, length)
+                body = self.rfile.read(wanted)  # short if the client gave up: end early too
                 seen.forwarded = len(body)
-                status, headers, payload = self._forward(body, ended_early=cut is not None)
+                ended_early = cut is not None or len(body) < wanted
+                status, headers, payload = self._forward(body, ended_early=ended_early)
                 if seen.kind == "final" and status in (200, 201):
                     proxy.finalised[upload_id] = payload
                 if cut is not None or action == "lose":
@@ -356,6 +363,33 @@ def test_a_stream_cut_every_time_fails_the_attempt_after_the_bound_and_the_next_
     assert setting.stored("flaky.bin")[0] == data
     assert len(setting.proxy.of("create")) == 2
     assert setting.proxy.of("stream")[-1].content_range.startswith("bytes 0-")
+
+
+def test_a_resumption_the_session_refuses_fails_the_attempt_and_the_next_starts_fresh(
+    setting: Setting,
+) -> None:
+    """A session that says it holds bytes it does not (gcp-storage-emulator answers
+    ``bytes=0-0``, one byte, for none; GCS sends no Range) refuses the resumed request: asking
+    again would repeat the mistake, so the attempt fails retryably, not dead-lettered as a 400,
+    and the next attempt opens a new session."""
+    size = 2 * MiB + 5000
+    data = os.urandom(size)
+    setting.proxy.rules["stream"] = lambda n: "throttle" if n == 1 else None
+    event = setting.event("refused.bin", data)
+
+    with pytest.raises(tw.RetryableError) as failed:
+        setting.engine.transfer(event)
+    assert failed.value.reason == "conflict"
+    assert "resumed at byte 1" in str(failed.value)
+    assert [s.content_range.split("-")[0] for s in setting.proxy.of("stream")] == [
+        "bytes 0",
+        "bytes 1",
+    ]
+    assert len(setting.proxy.of("status")) == 1
+
+    assert setting.engine.transfer(event).outcome == "success"
+    assert setting.stored("refused.bin")[0] == data
+    assert len(setting.proxy.of("create")) == 2
 
 
 def test_a_lost_answer_to_the_finalising_request_asks_the_session_and_is_done(
