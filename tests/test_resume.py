@@ -343,6 +343,16 @@ def setting(
         proxy.close()
 
 
+class RecordingLog:
+    """Stands in for the attempt's logger (ATTEMPT_LOG): keeps what was logged."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def warning(self, message: str, **fields: Any) -> None:
+        self.lines.append({"message": message, **fields})
+
+
 def ranges(seen: list[Seen]) -> list[str]:
     return [s.content_range for s in seen]
 
@@ -408,10 +418,18 @@ def test_a_stream_cut_every_time_fails_the_attempt_after_the_bound_and_the_next_
     setting.proxy.rules["stream"] = lambda n: Q if n <= len(kept) else None
     event = setting.event("flaky.bin", data)
 
-    with pytest.raises(tw.RetryableError) as failed:
-        setting.engine.transfer(event)
+    log = RecordingLog()
+    token = tw.ATTEMPT_LOG.set(log)
+    try:
+        with pytest.raises(tw.RetryableError) as failed:
+            setting.engine.transfer(event)
+    finally:
+        tw.ATTEMPT_LOG.reset(token)
     assert type(failed.value) is tw.RetryableError  # the failure itself, not a ResumeFrom
     assert failed.value.reason == "network"
+    assert [(line["request_attempt"], line["resume_at_byte"]) for line in log.lines] == [
+        (n, offset) for n, offset in enumerate(kept[:-1], start=1)
+    ]  # each resumption is logged with the attempt's event, where it resumed
     streams = setting.proxy.of("stream")
     assert [s.content_range.split("-")[0] for s in streams] == ["bytes 0"] + [
         f"bytes {offset}" for offset in kept[:-1]
