@@ -273,6 +273,17 @@ class SourceChanged(RetryableError):
     default_reason = "source_changed"
 
 
+class ResumeFrom(RetryableError):
+    """Raised by an upload's write() or commit(): the destination lost bytes ``start`` to ``end``
+    (exclusive) that it was already handed, and kept the rest. write() took its chunk; the engine
+    writes the lost range again, read anew from the same source version, then goes on (commit()
+    is called again). Uncaught, it fails the attempt like the failure it came from."""
+
+    def __init__(self, start: int, end: int, *, failure: RetryableError) -> None:
+        super().__init__(f"{failure} (resuming from byte {start})", reason=failure.reason)
+        self.start, self.end = start, end
+
+
 class CommitRefused(TransferError):
     """The destination refused a conditional commit (HTTP 412): it is no longer in the state the
     plan saw (another event or delivery committed first, or the object was removed). Not a failed
@@ -521,7 +532,9 @@ def peek_priority(body: bytes) -> str:
 class Upload(Protocol):
     """A destination object being written. Nothing is visible to readers before ``commit()``."""
 
-    def write(self, chunk: bytes) -> None: ...
+    def write(self, chunk: bytes) -> None:
+        """Take the next bytes. May raise ResumeFrom (a resumable destination lost bytes already
+        written); the bytes written next are then those it names, not the next new ones."""
 
     def commit(self, metadata: Mapping[str, str]) -> None:
         """Make the object visible, only if the destination is still as the plan saw it (the
@@ -543,9 +556,10 @@ class ObjectStore(Protocol):
     def head(self, ref: ObjectRef) -> ObjectInfo | None: ...
 
     def open_read(
-        self, ref: ObjectRef, info: ObjectInfo
+        self, ref: ObjectRef, info: ObjectInfo, *, start: int = 0
     ) -> contextlib.AbstractContextManager[Iterator[bytes]]:
-        """Chunks of the object, pinned to ``info.version``; raises SourceChanged if it moved on."""
+        """Chunks of the object from byte ``start`` on, pinned to ``info.version``; raises
+        SourceChanged if it moved on. A ``start`` reads again what an upload lost (ResumeFrom)."""
 
     def open_write(
         self,
@@ -747,7 +761,9 @@ class LocalObjectStore:
         )
 
     @contextlib.contextmanager
-    def open_read(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[Iterator[bytes]]:
+    def open_read(
+        self, ref: ObjectRef, info: ObjectInfo, *, start: int = 0
+    ) -> Iterator[Iterator[bytes]]:
         path = self._path(ref)
         try:  # O_NOFOLLOW: a symlink put in place of the file since head() is not followed
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -758,6 +774,7 @@ class LocalObjectStore:
         with open(fd, "rb", buffering=0) as handle:
             if _stat_version(os.fstat(fd)) != info.version:
                 raise SourceChanged(f"{ref.uri} changed before it was read")
+            handle.seek(start)
             yield self._chunks(handle, path, ref, info)
 
     def _chunks(
@@ -2173,17 +2190,21 @@ class S3Store:
         )
 
     @contextlib.contextmanager
-    def open_read(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[Iterator[bytes]]:
-        chunks = self._chunks(ref, info)
+    def open_read(
+        self, ref: ObjectRef, info: ObjectInfo, *, start: int = 0
+    ) -> Iterator[Iterator[bytes]]:
+        chunks = self._chunks(ref, info, start)
         try:
             yield chunks
         finally:
             chunks.close()
 
-    def _chunks(self, ref: ObjectRef, info: ObjectInfo) -> Generator[bytes, None, None]:
-        """The object from its first byte; a stream that breaks is reopened where it stopped
+    def _chunks(
+        self, ref: ObjectRef, info: ObjectInfo, start: int = 0
+    ) -> Generator[bytes, None, None]:
+        """The object from byte ``start``; a stream that breaks is reopened where it stopped
         (same ETag), a few times, so one dropped connection does not restart a large transfer."""
-        offset, reopened = 0, 0
+        offset, reopened = start, 0
         while True:
             body = self._get(ref, info, offset)
             try:
@@ -2686,14 +2707,17 @@ class GCSStore:
         )
 
     @contextlib.contextmanager
-    def open_read(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[Iterator[bytes]]:
-        yield self._ranges(ref, info)
+    def open_read(
+        self, ref: ObjectRef, info: ObjectInfo, *, start: int = 0
+    ) -> Iterator[Iterator[bytes]]:
+        yield self._ranges(ref, info, start)
 
-    def _ranges(self, ref: ObjectRef, info: ObjectInfo) -> Iterator[bytes]:
-        """One ranged GET per chunk: memory is one chunk, never the object, and each request is
-        pinned to the generation (a replaced object answers 404 for the old one)."""
+    def _ranges(self, ref: ObjectRef, info: ObjectInfo, first: int = 0) -> Iterator[bytes]:
+        """One ranged GET per chunk from byte ``first``: memory is one chunk, never the object,
+        and each request is pinned to the generation (a replaced object answers 404 for the old
+        one)."""
         blob = self.blob(ref, int(info.version))
-        for start in range(0, info.size, self.chunk):
+        for start in range(first, info.size, self.chunk):
             end = min(start + self.chunk, info.size) - 1
             for attempt in _request_retries(REQUEST_TRIES if start else 1):
                 with attempt:
@@ -2800,12 +2824,40 @@ class _BodyPipe:
             self._queue.put_nowait(None)
 
 
+GCS_RESUMES = 3  # resumptions of one resumable upload before its attempt fails as a whole
+
+
+class _ResumeRefused(RetryableError):
+    """A resumed request refused (400): the session does not hold what it said it did. Asking it
+    again would repeat the mistake, so the attempt fails and the next one opens a new session.
+    (gcp-storage-emulator answers ``bytes=0-0``, one byte, when it holds none.)"""
+
+
+def _persisted(response: Any) -> int:
+    """How many bytes a resumable session holds, from a 308's ``Range: bytes=0-N`` (no Range:
+    none yet)."""
+    kept = response.headers.get("Range")
+    if kept is None:
+        return 0
+    match = re.fullmatch(r"bytes=0-(\d+)", kept.strip())
+    if match is None:
+        raise RetryableError(f"GCS answered an unexpected Range {kept!r}", reason=NETWORK)
+    return int(match.group(1)) + 1
+
+
 class GCSUpload:
     """One destination object. Up to one chunk: buffered, a single upload at commit with a CRC32C
     the server checks. Larger: a resumable session opened with the metadata; everything but the
     last bytes streams to it in one request while the source is read (Google advises one chunk:
     fewest requests), and the last 1 to 256 KiB, which finalise the object, are held back until
-    commit(). Memory is a few read chunks, whatever the object's size."""
+    commit(). Memory is a few read chunks, whatever the object's size.
+
+    A failed request resumes the session rather than the object, up to GCS_RESUMES times: the
+    session says how many bytes it kept, a new request streams on from there, and the bytes it
+    lost that were already handed over are asked of the engine again (ResumeFrom: it reads them
+    anew from the pinned source version); the held tail is resent from memory. The CRC32C sent at
+    finalisation covers each byte once, as first read, so GCS refuses an object whose bytes read
+    again differ."""
 
     def __init__(
         self,
@@ -2825,17 +2877,22 @@ class GCSUpload:
         self.blob = store.blob(ref)
         self.blob.metadata = dict(metadata)
         self.held: list[bytes] = []  # the whole small object, or the held-back tail, as read
-        self.written = 0
+        self.written = 0  # bytes handed over, each once; the CRC32C covers exactly these
         self.crc32c = google_crc32c.Checksum()
         self.session_url: str | None = None
         self.finished = False
         self.pipe: _BodyPipe | None = None
+        self.sender: Future[Any] | None = None  # the streamed request; None once it is done
         self.executor: ThreadPoolExecutor | None = None
+        self.resumes = 0
+        self.kept = 0  # what the session said it holds, when last asked
+        self.again, self.again_end = 0, 0  # bytes being written again, after a ResumeFrom
         # Non-final bytes must be a multiple of 256 KiB, and at least one byte must remain.
         self.streamed = (size - 1) // GCS_QUANTUM * GCS_QUANTUM
         if size > store.chunk:
             self._initiate()
-            self._start_stream()
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="gcs-upload")
+            self._start_stream(0)
 
     def _initiate(self) -> None:
         with _translated(google_error, "destination"):
@@ -2848,12 +2905,16 @@ class GCSUpload:
                 if_generation_match=self.generation_match,
             )
 
-    def _start_stream(self) -> None:
-        self.pipe = _BodyPipe(self.streamed)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="gcs-upload")
-        self.sender = self.executor.submit(self._put, self.pipe, 0, final=False)
+    def _start_stream(self, first: int) -> None:
+        """One request for bytes ``first`` up to ``streamed``, its body fed by write()."""
+        assert self.executor is not None
+        self.pipe = _BodyPipe(self.streamed - first)
+        self.sender = self.executor.submit(self._put, self.pipe, first, final=False)
 
     def write(self, chunk: bytes) -> None:
+        if self.again < self.again_end:
+            self._write_again(chunk)
+            return
         start = self.written
         self.written += len(chunk)
         self.crc32c.update(chunk)
@@ -2861,13 +2922,28 @@ class GCSUpload:
         if self.written > limit:
             raise SourceChanged(f"source of {self.ref.uri} is longer than {self.size} bytes")
         cut = min(len(chunk), max(0, self.streamed - start)) if self.pipe else 0
-        if cut:
-            assert self.pipe is not None
-            self.pipe.put(chunk if cut == len(chunk) else memoryview(chunk)[:cut], self.sender)
-            if start + cut == self.streamed:
-                self.pipe.put(None, self.sender)
-        if cut < len(chunk):
+        if cut < len(chunk):  # held first: a ResumeFrom below has taken the whole chunk
             self.held.append(chunk[cut:])
+        if cut:
+            self._stream(chunk if cut == len(chunk) else memoryview(chunk)[:cut], start + cut)
+
+    def _write_again(self, chunk: bytes) -> None:
+        """Bytes the session lost, read again: streamed, not hashed (they were, when first read)."""
+        self.again += len(chunk)
+        if self.again > self.again_end:
+            raise ValueError(f"{self.again - self.again_end} bytes more written again than lost")
+        self._stream(chunk, self.again)
+
+    def _stream(self, data: Any, end: int) -> None:
+        """Bytes of the streamed request that end at offset ``end`` (the last close its body);
+        if the request failed, it is resumed."""
+        assert self.pipe is not None and self.sender is not None
+        try:
+            self.pipe.put(data, self.sender)
+            if end == self.streamed:
+                self.pipe.put(None, self.sender)
+        except RetryableError as failure:
+            self._recover(failure)
 
     def _put(self, data: Any, first: int, *, final: bool) -> Any:
         """PUT bytes ``first``.. of the session. Only the final request names the total size,
@@ -2883,14 +2959,19 @@ class GCSUpload:
             )
             if response.status_code == 308:
                 self._check_persisted(response, end, final=final)
+            elif response.status_code == 400 and self.resumes:
+                raise _ResumeRefused(
+                    f"GCS refused {self.ref.uri} resumed at byte {first}: {response.text[:300]}",
+                    reason=CONFLICT,
+                )
             else:
                 _raise_for_response(response)
         return response
 
     def _check_persisted(self, response: Any, end: int, *, final: bool) -> None:
         """308 carries ``Range: bytes=0-N``: what the server kept. Less than sent means lost
-        bytes; the attempt starts again rather than resending from the middle. An answer of 308
-        to the final request means the object was not finalised: bytes are missing."""
+        bytes, and an answer of 308 to the final request means the object was not finalised:
+        both fail the request, which is then resumed (_recover)."""
         kept = response.headers.get("Range", "")
         if final:
             raise RetryableError(
@@ -2904,15 +2985,90 @@ class GCSUpload:
                 reason=NETWORK,
             )
 
+    def _recover(self, failure: RetryableError) -> dict[str, Any] | None:
+        """After ``failure`` of a request to the session: the object's resource if the session
+        is finalised. Otherwise the stream goes on from what the session kept, and ResumeFrom
+        asks for the bytes handed over that it lost. Past GCS_RESUMES, ``failure`` fails the
+        attempt, which starts a new session."""
+        self.resumes += 1
+        if self.resumes > GCS_RESUMES or isinstance(failure, _ResumeRefused):
+            raise failure
+        if self.pipe is not None:
+            self.pipe.cancel()  # its request ended; nothing reads what it still holds
+        self.kept, resource = self._ask_session()
+        if resource is not None:
+            return resource
+        if self.kept > self.written:
+            raise RetryableError(
+                f"GCS holds {self.kept} bytes of {self.ref.uri}, {self.written} were sent",
+                reason=NETWORK,
+            ) from failure
+        report_request_retry(failure, self.resumes, resume_at_byte=self.kept)
+        self.sender = None
+        if self.kept < self.streamed:
+            self._start_stream(self.kept)
+        lost = min(self.written, self.streamed)
+        if self.kept < lost:
+            self.again, self.again_end = self.kept, lost
+            raise ResumeFrom(self.kept, lost, failure=failure) from failure
+        return None
+
+    def _ask_session(self) -> tuple[int, dict[str, Any] | None]:
+        """An empty PUT with ``bytes */size``: 308 with the bytes the session holds, or 200/201
+        with the object's resource once it is finalised (a lost answer to the final request).
+        google-resumable-media's recover() asks ``bytes */*``, which cannot tell the second case,
+        and seeks a stream we do not have: the bytes come from the source."""
+        assert self.session_url is not None
+        headers = {"Content-Range": f"bytes */{self.size}"}
+        for attempt in _request_retries():
+            with attempt, _translated(google_error, "destination"):
+                response = self.store.client._http.put(
+                    self.session_url, data=b"", headers=headers, timeout=self.store.timeout
+                )
+                if response.status_code not in (404, 410):
+                    _raise_for_response(response)
+        if response.status_code in (404, 410):  # expired or cancelled: the next attempt opens one
+            raise RetryableError(f"the upload session of {self.ref.uri} is gone", reason=CONFLICT)
+        if response.status_code == 308:
+            return _persisted(response), None
+        return self.size, dict(response.json())
+
     def commit(self, metadata: Mapping[str, str]) -> None:
         if self.session_url is None:
             resource = self._upload_whole(metadata)
         else:
-            self.sender.result()  # the streamed request, answered 308 and checked
-            resource = self._put(_joined(self), self.streamed, final=True).json()
+            self._finish_stream()
+            resource = self._finalise()
             self._stop_sender()
         self.finished = True
         self._verify(resource)
+
+    def _finish_stream(self) -> None:
+        """Wait for the streamed request: answered 308 and checked, or resumed."""
+        if self.sender is None:
+            return
+        try:
+            self.sender.result()
+        except RetryableError as failure:
+            self._recover(failure)
+        self.sender = None
+
+    def _finalise(self) -> dict[str, Any]:
+        """The held tail with the object's CRC32C. A lost answer or a 308 asks the session: a
+        finalised object is done; the tail's missing bytes are sent again from memory."""
+        tail = b"".join(self.held)
+        self.held = [tail]  # at most 256 KiB, kept until the object is final
+        first = self.streamed
+        while True:
+            try:
+                return dict(self._put(tail[first - self.streamed :], first, final=True).json())
+            except RetryableError as failure:
+                resource = self._recover(failure)
+                if resource is not None:
+                    return resource
+                if self.kept >= self.written:  # the session lacks bytes that nobody has
+                    raise
+                first = self.kept
 
     def _upload_whole(self, metadata: Mapping[str, str]) -> dict[str, Any]:
         self.blob.metadata = dict(metadata)
@@ -3533,6 +3689,34 @@ def hash_source(
     return digest.hexdigest()
 
 
+def resend_lost(
+    src: ObjectStore, ref: ObjectRef, info: ObjectInfo, upload: Upload, resume: ResumeFrom
+) -> None:
+    """Write again the bytes an upload lost (``resume.start`` to ``resume.end``), read anew from
+    the same source version from there, not from the first byte. They are not hashed again: the
+    digests cover each byte once, as first read. The upload bounds how often it asks."""
+    while True:
+        try:
+            _reread(src, ref, info, upload, resume)
+            return
+        except ResumeFrom as again:
+            resume = again
+
+
+def _reread(
+    src: ObjectStore, ref: ObjectRef, info: ObjectInfo, upload: Upload, resume: ResumeFrom
+) -> None:
+    offset, end = resume.start, resume.end
+    with src.open_read(ref, info, start=offset) as chunks:
+        for chunk in chunks:
+            piece = chunk[: end - offset]
+            upload.write(piece)
+            offset += len(piece)
+            if offset == end:
+                return
+    raise SourceChanged(f"{ref.uri}: read again up to byte {offset}, expected {end}")
+
+
 # Refused commits in a row within one attempt before it counts as failed: each refusal means
 # another writer committed to the key meanwhile, so this only guards against a livelock.
 MAX_REPLANS = 8
@@ -3631,7 +3815,13 @@ class TransferEngine:
             if self.overwrite == "different" and same_content(plan.dst, sha256, event):
                 upload.abort()
                 return TransferResult("skipped", sha256=sha256, reason="same_content")
-            upload.commit({**metadata, META_SHA256: sha256})
+            resend = functools.partial(resend_lost, src, event.source, plan.src, upload)
+            while True:  # each ResumeFrom is bounded by the upload
+                try:
+                    upload.commit({**metadata, META_SHA256: sha256})
+                    break
+                except ResumeFrom as resume:
+                    resend(resume)
         except BaseException:
             upload.abort()
             raise
@@ -3663,7 +3853,10 @@ class TransferEngine:
         with src.open_read(ref, info) as chunks:
             for chunk in chunks:
                 digests.update(chunk)
-                upload.write(chunk)
+                try:
+                    upload.write(chunk)
+                except ResumeFrom as resume:  # the chunk was taken; earlier bytes were lost
+                    resend_lost(src, ref, info, upload, resume)
                 moved += len(chunk)
                 on_progress(len(chunk))
         if moved != info.size:
