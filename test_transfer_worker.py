@@ -1094,7 +1094,7 @@ def test_cli_happy_path_both_directions(cli: Cli, root: Path, src: str, dst: str
     )
     with contextlib.closing(sqlite3.connect(root / "metadata.db")) as db:
         [(record,)] = db.execute(
-            "SELECT metadata FROM objects WHERE provider=? AND bucket='dest-bucket' "
+            "SELECT metadata FROM versions WHERE provider=? AND bucket='dest-bucket' "
             "AND key='out/data.bin'",
             (dst,),
         ).fetchall()

@@ -660,63 +660,104 @@ def open_sqlite(path: Path) -> sqlite3.Connection:
 
 
 class LocalMetadata:
-    """Object metadata of local mode in ``<root>/metadata.db``, outside the object trees. Each
-    record carries the stat of the file it describes, so a file replaced by hand is never
-    described by stale metadata. One instance is shared by the stores of one root."""
+    """Object metadata of local mode in ``<root>/metadata.db``, outside the object trees. A record
+    describes one version of a key (its file's stat), so a file replaced by hand is never
+    described by stale metadata, and a new version's record is written before its file appears:
+    no reader ever sees a committed file without its record (two processes on one root did, in
+    the moment between a rename and the commit of its record, and planned over it). One instance
+    is shared by the stores of one root."""
 
     def __init__(self, root: str | Path) -> None:
         Path(root).mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(Path(root) / "metadata.db")
         self._lock = threading.Lock()
+        self._lock_path = Path(root) / "commit.lock"
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS versions (provider TEXT, bucket TEXT, key TEXT, "
+            "stat TEXT, metadata TEXT NOT NULL, PRIMARY KEY (provider, bucket, key, stat))"
+        )
+        # Records written before versions existed: one per key, read until the key is written.
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS objects (provider TEXT, bucket TEXT, key TEXT, "
             "stat TEXT NOT NULL, metadata TEXT NOT NULL, PRIMARY KEY (provider, bucket, key))"
         )
 
     def get(self, ref: ObjectRef, version: str) -> dict[str, str]:
+        args = (ref.provider, ref.bucket, ref.key, version)
         with self._lock:
-            row = self._db.execute(
-                "SELECT stat, metadata FROM objects WHERE provider=? AND bucket=? AND key=?",
-                (ref.provider, ref.bucket, ref.key),
-            ).fetchone()
-        return json.loads(row[1]) if row and row[0] == version else {}
-
-    def put(self, ref: ObjectRef, version: str, metadata: Mapping[str, str]) -> None:
-        with self._lock:
-            self._put(ref, version, metadata)
-
-    def _put(self, ref: ObjectRef, version: str, metadata: Mapping[str, str]) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?)",
-            (ref.provider, ref.bucket, ref.key, version, json.dumps(metadata)),
-        )
+            row = (
+                self._db.execute(
+                    "SELECT metadata FROM versions WHERE provider=? AND bucket=? AND key=? AND stat=?",
+                    args,
+                ).fetchone()
+                or self._db.execute(
+                    "SELECT metadata FROM objects WHERE provider=? AND bucket=? AND key=? AND stat=?",
+                    args,
+                ).fetchone()
+            )
+        return json.loads(row[0]) if row else {}
 
     @contextlib.contextmanager
     def committing(self, ref: ObjectRef) -> Iterator[Callable[[str, Mapping[str, str]], None]]:
-        """The commit lock of every local store on this root, across processes: SQLite's write
-        lock (BEGIN IMMEDIATE) is held while a commit compares the destination with what its plan
-        saw, renames its file into place and records the metadata. Yields the metadata writer."""
-        with self._lock:
-            self._begin_immediate(ref)
-            try:
-                yield functools.partial(self._put, ref)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        """The commit lock of every local store on this root, across processes (an exclusive
+        lock on ``commit.lock``, released by the kernel if the holder dies), held while a commit
+        compares the destination with what its plan saw, records the new version and puts its
+        file in place. Yields the recorder, to call before the file is put in place. A kill in
+        between leaves a record of a version that never appears: harmless, and removed by the
+        next commit of the key, with the records of the versions it replaced."""
+        with self._lock, self._exclusive(ref):
+            yield functools.partial(self._record, ref)
 
-    def _begin_immediate(self, ref: ObjectRef) -> None:
-        """The lock is held only while a commit renames and records, so one still held after the
-        busy timeout (a stalled disk, a stopped process) will be released: another attempt,
-        not an internal error."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc):
-                raise
-            raise RetryableError(
-                f"the commit lock for {ref.uri} stayed busy: {exc}", reason="conflict"
-            ) from exc
+    @contextlib.contextmanager
+    def _exclusive(self, ref: ObjectRef) -> Iterator[None]:
+        import fcntl
+
+        with open(self._lock_path, "a+b") as handle:
+            for attempt in tenacity.Retrying(
+                stop=tenacity.stop_after_delay(30),
+                wait=tenacity.wait_random(0.005, 0.05),
+                retry=tenacity.retry_if_exception_type(BlockingIOError),
+                reraise=True,
+            ):
+                with attempt, _lock_busy_is_retryable(ref):
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _record(self, ref: ObjectRef, version: str, metadata: Mapping[str, str]) -> None:
+        key = (ref.provider, ref.bucket, ref.key)
+        with _lock_busy_is_retryable(ref):
+            self._db.execute(
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?)",
+                (*key, version, json.dumps(metadata)),
+            )
+
+    def forget_others(self, ref: ObjectRef, version: str) -> None:
+        """After a commit: the records of the versions it replaced (best effort: a record of a
+        version that is no longer there describes nothing)."""
+        key = (ref.provider, ref.bucket, ref.key)
+        with contextlib.suppress(sqlite3.OperationalError), self._lock:
+            self._db.execute(
+                "DELETE FROM versions WHERE provider=? AND bucket=? AND key=? AND stat != ?",
+                (*key, version),
+            )
+            self._db.execute("DELETE FROM objects WHERE provider=? AND bucket=? AND key=?", key)
+
+
+@contextlib.contextmanager
+def _lock_busy_is_retryable(ref: ObjectRef) -> Iterator[None]:
+    """The commit lock or metadata.db held past its timeout (a stalled disk, a stopped process)
+    will be released: another attempt, not an internal error."""
+    try:
+        yield
+    except (sqlite3.OperationalError, BlockingIOError) as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" not in str(exc):
+            raise
+        raise RetryableError(
+            f"the commit lock for {ref.uri} stayed busy: {exc}", reason="conflict"
+        ) from exc
 
 
 class LocalObjectStore:
@@ -924,28 +965,38 @@ class LocalUpload:
             self.fd = -1
             self.store._path(self.ref)  # re-check: a symlink may have appeared since open_write
             with self.store.metadata.committing(self.ref) as record:
-                self._put_in_place()
-                # The rename must reach the disk before the ack.
-                _fsync_dir(os.path.dirname(self.path))
+                self._check_planned()
                 record(version, {**metadata, "content-type": self.content_type})
+                self._put_in_place()
+                _fsync_dir(os.path.dirname(self.path))  # the rename must reach the disk first
+            self.store.metadata.forget_others(self.ref, version)
         except OSError as exc:
             self.abort()
             raise PermanentError(
                 f"cannot write {self.ref.uri}: {exc}", reason="destination_error"
             ) from exc
 
-    def _put_in_place(self) -> None:
-        """Raises CommitRefused when the destination is not what the plan saw."""
-        if self.replaces is None:
-            self._in_new_directory(self._link)
-            return
+    def _check_planned(self) -> None:
+        """Under the commit lock: raise CommitRefused unless the destination is what the plan
+        saw (no file, or the version it saw)."""
         try:
-            current = _stat_version(os.lstat(self.path))
+            st = os.lstat(self.path)
         except (FileNotFoundError, NotADirectoryError):
             current = None
+        else:
+            if self.replaces is None:
+                _refuse_non_file(self.path)
+            current = _stat_version(st)
         if current != self.replaces:
             raise CommitRefused(f"{self.ref.uri} changed since it was planned ({current})")
-        os.replace(self.temp, self.path)
+
+    def _put_in_place(self) -> None:
+        """A new key is linked, which can never replace a file (in case a writer that does not
+        take the commit lock made one meanwhile); a planned version is replaced by rename."""
+        if self.replaces is None:
+            self._in_new_directory(self._link)
+        else:
+            os.replace(self.temp, self.path)
 
     def _link(self) -> None:
         try:
