@@ -682,20 +682,20 @@ class LocalMetadata:
             "stat TEXT NOT NULL, metadata TEXT NOT NULL, PRIMARY KEY (provider, bucket, key))"
         )
 
+    # A version's record; then one written before the versions table existed.
+    _GET = (
+        "SELECT metadata FROM versions WHERE provider=? AND bucket=? AND key=? AND stat=?",
+        "SELECT metadata FROM objects WHERE provider=? AND bucket=? AND key=? AND stat=?",
+    )
+
     def get(self, ref: ObjectRef, version: str) -> dict[str, str]:
         args = (ref.provider, ref.bucket, ref.key, version)
         with self._lock:
-            row = (
-                self._db.execute(
-                    "SELECT metadata FROM versions WHERE provider=? AND bucket=? AND key=? AND stat=?",
-                    args,
-                ).fetchone()
-                or self._db.execute(
-                    "SELECT metadata FROM objects WHERE provider=? AND bucket=? AND key=? AND stat=?",
-                    args,
-                ).fetchone()
-            )
-        return json.loads(row[0]) if row else {}
+            for query in self._GET:
+                row = self._db.execute(query, args).fetchone()
+                if row:
+                    return dict(json.loads(row[0]))
+        return {}
 
     @contextlib.contextmanager
     def committing(self, ref: ObjectRef) -> Iterator[Callable[[str, Mapping[str, str]], None]]:
