@@ -3537,13 +3537,21 @@ def carried_fields(
     info: ObjectInfo, supported: frozenset[str], options: WriteOptions
 ) -> tuple[dict[str, str], dict[str, str]]:
     """(standard fields the destination is given, metadata recording the others): S3 has no
-    custom time and GCS no Expires, so those cross as transfer-worker-source-<field>."""
+    custom time and GCS no Expires, so those cross as transfer-worker-source-<field>, and a
+    field so recorded on the source becomes a field again where the destination has it (S3 to
+    GCS to S3 keeps Expires)."""
     if options.metadata == "none":
         return {}, {}
-    given = {name: value for name, value in info.fields.items() if name in supported}
+    recorded = {
+        name: info.metadata[META_SOURCE_ATTRIBUTE + name]
+        for name in STANDARD_FIELDS
+        if META_SOURCE_ATTRIBUTE + name in info.metadata
+    }
+    fields = {**recorded, **info.fields}
+    given = {name: value for name, value in fields.items() if name in supported}
     others = {
         META_SOURCE_ATTRIBUTE + name: value
-        for name, value in info.fields.items()
+        for name, value in fields.items()
         if name not in supported
     }
     return given, others

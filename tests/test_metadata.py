@@ -563,3 +563,63 @@ def test_fixed_metadata_is_added_over_the_sources_and_may_not_use_the_prefix(
     info = stores["gcp_gcs"].head(tw.ObjectRef("gcp_gcs", "dst", "k"))
     assert info is not None
     assert (info.metadata["team"], info.metadata["kept"]) == ("route", "1")
+
+
+class GzipServingRelay(FaultProxy):
+    """What real GCS does and gcp-storage-emulator does not: a download of an object stored with
+    Content-Encoding gzip carries that header, so a client that decodes it (decompressive
+    transcoding on the client side) would hand over the decompressed bytes."""
+
+    def _make_server(self, port: int) -> Any:
+        server = super()._make_server(port)
+        base = server.RequestHandlerClass
+
+        class Handler(base):  # type: ignore[valid-type, misc]
+            def end_headers(self) -> None:
+                if self.command == "GET" and "alt=media" in self.path:
+                    self.send_header("Content-Encoding", "gzip")
+                super().end_headers()
+
+        server.RequestHandlerClass = Handler
+        return server
+
+
+def test_a_gzip_encoded_gcs_source_is_read_raw(cloud_env: dict[str, str], tmp_path: Path) -> None:
+    source, target = Buckets(cloud_env), Buckets(cloud_env)
+    channel = SQSChannel(cloud_env)
+    put_source(source, "gcp_gcs", "page.html.gz", PAGE)
+    e = event("gcp_gcs", source.names["gcp_gcs"], "aws_s3", target.names["aws_s3"], "page.html.gz")
+    submit([e], tmp_path, "--to", channel.queue)
+
+    with GzipServingRelay(cloud_env["STORAGE_EMULATOR_HOST"], dialect="gcs") as relay:
+        run_worker({**cloud_env, "STORAGE_EMULATOR_HOST": relay.url}, channel)
+
+    after = seen(target, "aws_s3", "page.html.gz")
+    assert after["body"] == PAGE  # the gzip bytes, not the page they decompress to
+    assert after["fields"]["content-encoding"] == "gzip"
+
+
+def test_a_field_recorded_on_the_way_is_restored_on_the_way_back(
+    cloud_env: dict[str, str], tmp_path: Path
+) -> None:
+    """S3 to GCS records Expires (GCS has none); GCS to S3 makes it Expires again. Likewise a
+    custom time GCS to S3 to GCS."""
+    s3, gcs, back = Buckets(cloud_env), Buckets(cloud_env), Buckets(cloud_env)
+    channel = SQSChannel(cloud_env)
+    put_source(s3, "aws_s3", "from-s3", PAGE)
+    put_source(gcs, "gcp_gcs", "from-gcs", PAGE)
+    there = [
+        event("aws_s3", s3.names["aws_s3"], "gcp_gcs", gcs.names["gcp_gcs"], "from-s3"),
+        event("gcp_gcs", gcs.names["gcp_gcs"], "aws_s3", s3.names["aws_s3"], "from-gcs"),
+    ]
+    submit(there, tmp_path, "--to", channel.queue)
+    run_worker(cloud_env, channel)
+    home = [
+        event("gcp_gcs", gcs.names["gcp_gcs"], "aws_s3", back.names["aws_s3"], "from-s3"),
+        event("aws_s3", s3.names["aws_s3"], "gcp_gcs", back.names["gcp_gcs"], "from-gcs"),
+    ]
+    submit(home, tmp_path, "--to", channel.queue)
+    run_worker(cloud_env, channel)
+
+    assert seen(back, "aws_s3", "from-s3")["expires"] == EXPIRES
+    assert seen(back, "gcp_gcs", "from-gcs")["custom_time"] == CUSTOM_TIME
