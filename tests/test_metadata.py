@@ -450,9 +450,31 @@ def test_metadata_mode_limits_what_is_carried(
 # -- storage class and encryption reach the servers -------------------------------------------
 
 
+class HeaderRecordingRelay(FaultProxy):
+    """Forwards everything unchanged and keeps (method, path, headers) of every request."""
+
+    def __init__(self, upstream_url: str) -> None:
+        super().__init__(upstream_url)
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+
+    def _make_server(self, port: int) -> Any:
+        server = super()._make_server(port)
+        base, relay = server.RequestHandlerClass, self
+
+        class Handler(base):  # type: ignore[valid-type, misc]
+            def _proxy(self) -> None:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                relay.seen.append((self.command, self.path, headers))
+                super()._proxy()
+
+        server.RequestHandlerClass = Handler
+        return server
+
+
 def test_s3_storage_class_and_sse_kms_reach_s3(cloud_env: dict[str, str], tmp_path: Path) -> None:
-    """PutObject (small) and CreateMultipartUpload (large) both carry them; moto records them.
-    Verification stays SHA-256: an ETag under KMS is never compared as an MD5."""
+    """PutObject (small) and CreateMultipartUpload (large) both carry them: moto records them,
+    except BucketKeyEnabled of a multipart upload, which a relay in front of moto shows was
+    sent. Verification stays SHA-256: an ETag under KMS is never compared as an MD5."""
     import boto3
 
     key_id = boto3.client("kms").create_key()["KeyMetadata"]["KeyId"]
@@ -468,7 +490,9 @@ def test_s3_storage_class_and_sse_kms_reach_s3(cloud_env: dict[str, str], tmp_pa
     submit(events, tmp_path, "--to", channel.queue)
 
     flags = ["--s3-storage-class", "STANDARD_IA", "--s3-kms-key-id", key_id]
-    worker = run_worker(cloud_env, channel, *flags, "--s3-bucket-key", "on")
+    with HeaderRecordingRelay(cloud_env["AWS_ENDPOINT_URL"]) as relay:
+        env = {**cloud_env, "AWS_ENDPOINT_URL_S3": relay.url}
+        worker = run_worker(env, channel, *flags, "--s3-bucket-key", "on")
 
     assert len(worker.outcomes("success")) == 2, worker.log_text()
     for key, data in objects.items():
@@ -480,6 +504,18 @@ def test_s3_storage_class_and_sse_kms_reach_s3(cloud_env: dict[str, str], tmp_pa
         assert key_id in head["SSEKMSKeyId"], key
         # moto keeps BucketKeyEnabled of a PutObject only, not of a multipart upload
         assert key == "large" or head["BucketKeyEnabled"] is True, key
+    writes = {
+        path.split("?")[1] if "?" in path else "put": headers
+        for method, path, headers in relay.seen
+        if (method, path.split("?")[1:]) in (("POST", ["uploads"]), ("PUT", []))
+        and f"/{target.names['aws_s3']}/" in path
+    }
+    assert set(writes) == {"uploads", "put"}, relay.seen  # CreateMultipartUpload, PutObject
+    for headers in writes.values():
+        assert headers["x-amz-server-side-encryption"] == "aws:kms"
+        assert headers["x-amz-server-side-encryption-aws-kms-key-id"] == key_id
+        assert headers["x-amz-server-side-encryption-bucket-key-enabled"] == "true"
+        assert headers["x-amz-storage-class"] == "STANDARD_IA"
 
 
 def test_s3_sse_s3_reaches_s3(cloud_env: dict[str, str], tmp_path: Path) -> None:
