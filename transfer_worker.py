@@ -863,11 +863,16 @@ class LocalObjectStore:
             raise PermanentError(
                 f"cannot write {ref.uri}: {exc}", reason="destination_error"
             ) from exc
-        upload = LocalUpload(
-            self, ref, path=path, temp=temp, fd=fd, content_type=content_type, replaces=replaces
+        return LocalUpload(
+            self,
+            ref,
+            path=path,
+            temp=temp,
+            fd=fd,
+            content_type=content_type,
+            replaces=replaces,
+            fields=fields,
         )
-        upload.fields = dict(fields or {})
-        return upload
 
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -969,10 +974,11 @@ class LocalUpload:
         fd: int,
         content_type: str,
         replaces: str | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> None:
         self.store, self.ref, self.path, self.temp, self.fd = store, ref, path, temp, fd
         self.content_type, self.replaces = content_type, replaces
-        self.fields: dict[str, str] = {}
+        self.fields = dict(fields or {})  # local mode keeps every standard field
 
     def write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -2846,7 +2852,7 @@ class GCSStore:
         fields: Mapping[str, str] | None = None,
         options: WriteOptions | None = None,
     ) -> GCSUpload:
-        upload = GCSUpload(
+        return GCSUpload(
             self,
             ref,
             size=size,
@@ -2855,7 +2861,6 @@ class GCSStore:
             replaces=replaces,
             resource=_gcs_resource(metadata, fields or {}, options or WriteOptions()),
         )
-        return upload
 
     def abort_stale_uploads(self, ref: ObjectRef) -> int:
         return 0  # a killed worker's resumable session is invisible and expires within a week
