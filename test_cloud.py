@@ -309,8 +309,8 @@ def assert_copied(buckets: Buckets, event: dict[str, Any], data: bytes) -> None:
     body, metadata = found
     assert len(body) == len(data)
     assert sha(body) == sha(data)
-    assert metadata["sha256"] == sha(data)
-    assert metadata["transfer-event-id"] == event["eventId"]
+    assert metadata["transfer-worker-sha256"] == sha(data)
+    assert metadata["transfer-worker-event-id"] == event["eventId"]
 
 
 # -- a fault-injecting proxy between the worker and a store ---------------------------------------

@@ -61,12 +61,16 @@ IDEMPOTENCY_AWS = {
     ("s3:ListBucket", "destination_buckets"),
 }
 # Beyond the contract, always granted: a shutdown hand-back re-sends the body with its counts
-# (ADR.md 10), in a statement of its own, so the consuming statement never carries SendMessage.
+# (ADR.md 11), in a statement of its own, so the consuming statement never carries SendMessage.
 HAND_BACK_AWS = {("sqs:SendMessage", "queue")}
 # Beyond the contract, opt-in (variable -> pairs), every variable defaulting to false.
 OPT_IN_AWS = {
     "s3_list_source_buckets": {("s3:ListBucket", "source_buckets")},
     "s3_abort_orphan_uploads": {("s3:ListBucketMultipartUploads", "destination_buckets")},
+}
+# Granted only when the key is named (a string variable, null by default): SSE-KMS writes.
+KEY_GATED_AWS = {
+    "s3_kms_key_arn": {("kms:GenerateDataKey", "kms_key"), ("kms:Decrypt", "kms_key")},
 }
 # The statements by sid: the contract's four, the two for the idempotency check, the hand-back.
 EXPECTED_AWS_STATEMENTS = {
@@ -185,6 +189,8 @@ def _classify_aws_resources(resources: Any) -> str:
         return "queue"
     if resources == ["${aws_sqs_queue.dead_letter.arn}"]:
         return "dead_letter_queue"
+    if resources == ["${var.s3_kms_key_arn}"]:
+        return "kms_key"
     raise AssertionError(f"worker statement on unexpected resources: {text}")
 
 
@@ -204,7 +210,8 @@ def _check_statement(st: dict[str, Any]) -> tuple[list[str], str]:
     return actions, kind
 
 
-_OPT_IN = re.compile(r'\$\{var\.(\w+) \? \["(\w+)"\] : \[\]\}')
+# Gated by a bool variable, or (a KMS key) by a string variable that is not null.
+_OPT_IN = re.compile(r'\$\{var\.(\w+)(?: != null)? \? \["(\w+)"\] : \[\]\}')
 
 
 def worker_aws_grants(
@@ -244,17 +251,37 @@ def check_worker_policy(c: dict[str, Any]) -> None:
     # Each opt-in adds exactly its own pairs, and nothing else is reachable.
     matches = [_OPT_IN.fullmatch(d["statement"]["for_each"]) for d in doc.get("dynamic", [])]
     gated = {m.group(1) for m in matches if m}
-    assert gated == set(OPT_IN_AWS)
-    for var, pairs in OPT_IN_AWS.items():
+    assert gated == set(OPT_IN_AWS) | set(KEY_GATED_AWS)
+    for var in KEY_GATED_AWS:
+        assert c["variable"][var]["type"] == "string", var
+        assert c["variable"][var]["default"] is None, f"{var} must default to null"
+    gates = {**OPT_IN_AWS, **KEY_GATED_AWS}
+    for var, pairs in gates.items():
         assert (
             worker_aws_grants(c, frozenset({var}))
             == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | pairs
         )
-    every = set().union(*OPT_IN_AWS.values())
+    every = set().union(*gates.values())
     assert (
-        worker_aws_grants(c, frozenset(OPT_IN_AWS))
+        worker_aws_grants(c, frozenset(gates))
         == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | every
     )
+
+
+def check_gcs_kms_grant(c: dict[str, Any]) -> None:
+    """CMEK: the Cloud Storage service agent (not the worker) may use the named key, and only
+    that key, only when one is named."""
+    assert c["variable"]["gcs_kms_key_name"]["default"] is None
+    grants = c["resource"]["google_kms_crypto_key_iam_member"]
+    assert list(grants) == ["gcs_service_agent"]
+    grant = grants["gcs_service_agent"]
+    assert grant["count"] == "${var.gcs_kms_key_name == null ? 0 : 1}"
+    assert grant["crypto_key_id"] == "${var.gcs_kms_key_name}"
+    assert grant["role"] == "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+    agent = "data.google_storage_project_service_account.gcs[0].email_address"
+    assert grant["member"] == f"serviceAccount:${{{agent}}}"
+    for kind in ("google_kms_crypto_key_iam_binding", "google_kms_crypto_key_iam_policy"):
+        assert not c["resource"].get(kind), kind
 
 
 def check_worker_role_has_only_that_policy(c: dict[str, Any]) -> None:
@@ -553,6 +580,7 @@ def check_descriptions(c: dict[str, Any]) -> None:
 
 CHECKS = [
     check_worker_policy,
+    check_gcs_kms_grant,
     check_worker_role_has_only_that_policy,
     check_worker_trust,
     check_sqs,
@@ -623,7 +651,42 @@ def _statement(c: dict[str, Any], sid: str) -> dict[str, Any]:
     raise KeyError(sid)
 
 
+def _kms_statement(c: dict[str, Any]) -> dict[str, Any]:
+    doc = c["data"]["aws_iam_policy_document"]["worker"]
+    [block] = [d["statement"] for d in doc["dynamic"] if "kms" in d["statement"]["for_each"]]
+    content: dict[str, Any] = block["content"][0]
+    return content
+
+
 MUTATIONS = {
+    "kms key always granted": (
+        check_worker_policy,
+        lambda c: [
+            d["statement"].update(for_each='${["DestinationKmsKey"]}')
+            for d in c["data"]["aws_iam_policy_document"]["worker"]["dynamic"]
+            if "kms" in d["statement"]["for_each"]
+        ],
+    ),
+    "kms on every key": (
+        check_worker_policy,
+        lambda c: _kms_statement(c).update(resources=["*"]),
+    ),
+    "kms encrypt too": (
+        check_worker_policy,
+        lambda c: _kms_statement(c)["actions"].append("kms:Encrypt"),
+    ),
+    "cmek grant without a key": (
+        check_gcs_kms_grant,
+        lambda c: c["resource"]["google_kms_crypto_key_iam_member"]["gcs_service_agent"].pop(
+            "count"
+        ),
+    ),
+    "cmek grant to the worker": (
+        check_gcs_kms_grant,
+        lambda c: c["resource"]["google_kms_crypto_key_iam_member"]["gcs_service_agent"].update(
+            member="${google_service_account.worker.member}"
+        ),
+    ),
     "wildcard action": (
         check_worker_policy,
         lambda c: _statement(c, "SourceObjectsRead")["actions"].append("s3:Get*"),

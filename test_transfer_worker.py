@@ -268,11 +268,11 @@ def test_upload_is_invisible_until_commit_and_carries_metadata(stores, root: Pat
     upload.write(b"def")
     assert store.head(REF) is None
     assert not (root / "gcp_gcs" / "dest-bucket" / "dir" / "obj.bin").exists()
-    upload.commit({"sha256": sha(b"abcdef"), "transfer-event-id": "e1"})
+    upload.commit({tw.META_SHA256: sha(b"abcdef"), tw.META_EVENT_ID: "e1"})
     info = store.head(REF)
     assert info is not None and info.size == 6
     assert info.content_type == "text/plain"
-    assert info.metadata["transfer-event-id"] == "e1"
+    assert info.metadata[tw.META_EVENT_ID] == "e1"
     assert info.checksums == {"sha256": sha(b"abcdef")}
     assert (root / "gcp_gcs" / "dest-bucket" / "dir" / "obj.bin").read_bytes() == b"abcdef"
     assert list((root / ".tmp").iterdir()) == []
@@ -422,10 +422,10 @@ def test_transfer_streams_verifies_and_commits(stores, root: Path):
     assert info is not None
     assert (root / "gcp_gcs" / "dest-bucket" / "out" / "data.bin").read_bytes() == data
     assert info.content_type == "application/x-test"
-    assert info.metadata["sha256"] == sha(data)
-    assert info.metadata["transfer-event-id"] == event.event_id
-    assert info.metadata["transfer-source"] == "s3://source-bucket/in/data.bin"
-    assert info.metadata["transfer-event-time"] == "2024-01-15T10:30:00+00:00"
+    assert info.metadata["transfer-worker-sha256"] == sha(data)
+    assert info.metadata["transfer-worker-event-id"] == event.event_id
+    assert info.metadata["transfer-worker-source"] == "s3://source-bucket/in/data.bin"
+    assert info.metadata["transfer-worker-event-time"] == "2024-01-15T10:30:00+00:00"
 
 
 def test_checksum_mismatch_leaves_the_destination_untouched(stores, root: Path):
@@ -549,7 +549,7 @@ def test_destinations_with_early_metadata_get_the_sha256_up_front(stores, root: 
     put_source(root, "aws_s3", "source-bucket", "in/data.bin", data)
     stores = {**stores, "gcp_gcs": LateMetadataStore(root, "gcp_gcs")}
     engine_for(stores).transfer(parse(make_event()))
-    assert LateMetadataStore.seen_metadata[-1]["sha256"] == sha(data)
+    assert LateMetadataStore.seen_metadata[-1][tw.META_SHA256] == sha(data)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1098,8 +1098,8 @@ def test_cli_happy_path_both_directions(cli: Cli, root: Path, src: str, dst: str
             "AND key='out/data.bin'",
             (dst,),
         ).fetchall()
-    assert json.loads(record)["sha256"] == sha(data)
-    assert json.loads(record)["transfer-event-id"] == event["eventId"]
+    assert json.loads(record)["metadata"]["transfer-worker-sha256"] == sha(data)
+    assert json.loads(record)["metadata"]["transfer-worker-event-id"] == event["eventId"]
 
 
 def test_cli_duplicate_event_is_a_skip(cli: Cli, root: Path):

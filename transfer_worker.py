@@ -34,6 +34,7 @@ import dataclasses
 import datetime as dt
 import email.errors
 import email.header
+import email.utils
 import errno
 import functools
 import hashlib
@@ -108,11 +109,27 @@ DEFAULT_CLOCK_SKEW = 300  # --clock-skew: NTP keeps clocks far closer; 5 minutes
 PROVIDERS = ("aws_s3", "gcp_gcs")
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 OVERWRITE_POLICIES = ("different", "never", "always")
-# Object metadata the worker writes on every destination; lowercase because S3 lowercases user keys.
-META_SHA256 = "sha256"
-META_EVENT_ID = "transfer-event-id"
-META_EVENT_TIME = "transfer-event-time"
-META_SOURCE = "transfer-source"
+# The worker's own record on every destination object, in its user metadata under one reserved
+# prefix that a source's metadata may not use (the engine refuses or replaces such keys: see
+# carried_metadata). Lowercase because S3 lowercases user keys.
+META_PREFIX = "transfer-worker-"
+META_SHA256 = META_PREFIX + "sha256"
+META_EVENT_ID = META_PREFIX + "event-id"
+META_EVENT_TIME = META_PREFIX + "event-time"
+META_SOURCE = META_PREFIX + "source"
+# The source's version as the plan read it, one key per identifier: transfer-worker-source-etag,
+# -version-id (S3), -generation, -metageneration (GCS), -stat (local). A standard field the
+# destination has no place for (S3 has no custom time, GCS no Expires) is recorded here too.
+META_SOURCE_ATTRIBUTE = META_SOURCE + "-"
+# The names written before the reserved prefix, still read on objects that carry no prefixed key.
+LEGACY_META = {
+    META_SHA256: "sha256",
+    META_EVENT_ID: "transfer-event-id",
+    META_EVENT_TIME: "transfer-event-time",
+    META_SOURCE: "transfer-source",
+}
+# What --metadata carries from the source: standard fields and user metadata, fields only, nothing.
+METADATA_MODES = ("all", "standard", "none")
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:
@@ -193,9 +210,30 @@ class Config:
     )
     clock_skew: int = _setting(
         DEFAULT_CLOCK_SKEW,
-        "seconds a destination's transfer-event-time may lie ahead of this worker's clock; "
-        "a later one is ignored (it cannot block newer events)",
+        "seconds a destination's transfer-worker-event-time may lie ahead of this worker's "
+        "clock; a later one is ignored (it cannot block newer events)",
         minimum=0,
+    )
+    metadata: str = _setting(
+        "all",
+        "what the destination keeps of the source's metadata: all (standard fields and user "
+        "metadata), standard (Content-Type, Cache-Control, ... only) or none",
+        choices=METADATA_MODES,
+    )
+    s3_storage_class: str = _setting("", "S3 StorageClass of new objects (empty: the bucket's)")
+    gcs_storage_class: str = _setting("", "GCS storageClass of new objects (empty: the bucket's)")
+    s3_sse: str = _setting(
+        "",
+        "S3 server-side encryption of new objects: AES256 (SSE-S3), aws:kms (SSE-KMS) or empty "
+        "(the bucket's default); --s3-kms-key-id implies aws:kms",
+        choices=("", "AES256", "aws:kms"),
+    )
+    s3_kms_key_id: str = _setting("", "KMS key (ARN, id or alias) for SSE-KMS on S3")
+    s3_bucket_key: str = _setting(
+        "off", "S3 Bucket Key with SSE-KMS (fewer KMS requests)", choices=("on", "off")
+    )
+    gcs_kms_key: str = _setting(
+        "", "Cloud KMS key (projects/P/locations/L/keyRings/R/cryptoKeys/K) for GCS objects (CMEK)"
     )
 
     @property
@@ -226,6 +264,8 @@ class Config:
                     f"--allowed-buckets: {item!r} is not provider:bucket "
                     f"(provider one of {', '.join(PROVIDERS)})"
                 )
+        if self.s3_sse == "AES256" and (self.s3_kms_key_id or self.s3_bucket_key == "on"):
+            raise ValueError("--s3-kms-key-id and --s3-bucket-key need --s3-sse aws:kms")
         for field in dataclasses.fields(self):
             minimum = field.metadata.get("minimum")
             if minimum is not None and getattr(self, field.name) < minimum:
@@ -329,6 +369,68 @@ class ObjectInfo:
     content_type: str | None = None
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     checksums: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The standard fields besides Content-Type, by lowercase header name (STANDARD_FIELDS).
+    fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # The identifiers of this version: etag and version-id (S3), generation and metageneration
+    # (GCS), stat (local); recorded at the destination so that a later comparison can tell an
+    # unchanged source without reading it.
+    revision: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def recorded(self, name: str) -> str | None:
+        """The worker's record ``name`` (a META_* key) on this object. An object written before
+        the reserved prefix carries the unprefixed names; they count only on an object with no
+        prefixed key at all, so a source's plain ``sha256`` copied along never does."""
+        if any(key.lower().startswith(META_PREFIX) for key in self.metadata):
+            return self.metadata.get(name)
+        return self.metadata.get(LEGACY_META.get(name, name))
+
+
+# Standard fields a destination can be given besides Content-Type, by lowercase header name:
+# values are header text (expires: an HTTP date; custom-time: RFC 3339, as GCS has it).
+STANDARD_FIELDS = (
+    "cache-control",
+    "content-disposition",
+    "content-encoding",
+    "content-language",
+    "expires",
+    "custom-time",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteOptions:
+    """How destination objects are written beyond their bytes. Worker-wide from Config today; a
+    route (a later issue) overrides fields with dataclasses.replace. ``metadata`` is what is
+    carried from the source (METADATA_MODES); ``fixed_metadata`` is added to every object and
+    wins over the source's keys; empty storage classes and keys mean the bucket's defaults."""
+
+    metadata: str = "all"
+    fixed_metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    s3_storage_class: str = ""
+    gcs_storage_class: str = ""
+    s3_sse: str = ""
+    s3_kms_key_id: str = ""
+    s3_bucket_key: bool = False
+    gcs_kms_key: str = ""
+
+    def __post_init__(self) -> None:
+        reserved = [name for name in self.fixed_metadata if name.lower().startswith(META_PREFIX)]
+        if reserved:
+            raise ValueError(
+                f"fixed metadata {reserved[0]!r} is under the reserved {META_PREFIX!r}"
+            )
+
+    @classmethod
+    def from_config(cls, config: Config) -> WriteOptions:
+        return cls(
+            metadata=config.metadata,
+            s3_storage_class=config.s3_storage_class,
+            gcs_storage_class=config.gcs_storage_class,
+            s3_sse=config.s3_sse or ("aws:kms" if config.s3_kms_key_id else ""),
+            s3_kms_key_id=config.s3_kms_key_id,
+            s3_bucket_key=config.s3_bucket_key == "on",
+            gcs_kms_key=config.gcs_kms_key,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +470,15 @@ class TransferResult:
     bytes_transferred: int = 0
     sha256: str | None = None
     reason: str | None = None
+
+
+UNREPRESENTABLE = "metadata_unrepresentable"
+
+
+def unrepresentable(what: str) -> PermanentError:
+    """Metadata the destination cannot hold as it is: the event is dead-lettered, naming the
+    field, rather than writing an object that silently lacks it or holds it cut short."""
+    return PermanentError(what, reason=UNREPRESENTABLE)
 
 
 # =================================================================================================
@@ -552,6 +663,8 @@ class ObjectStore(Protocol):
     # Largest object whose metadata can still be chosen at commit(). Above it (S3 multipart, GCS
     # resumable) metadata is fixed when the upload starts, so the engine needs the SHA-256 first.
     late_metadata_limit: int
+    # The STANDARD_FIELDS this store can give an object; the engine records the others.
+    standard_fields: frozenset[str]
 
     def head(self, ref: ObjectRef) -> ObjectInfo | None: ...
 
@@ -569,11 +682,16 @@ class ObjectStore(Protocol):
         content_type: str,
         metadata: Mapping[str, str],
         replaces: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        options: WriteOptions | None = None,
     ) -> Upload:
         """An upload whose commit is conditional: ``replaces`` is the version (ETag, generation,
         file stat) the commit may replace, None when the key must not exist. The storage
         service enforces it (S3 If-Match / If-None-Match, GCS ifGenerationMatch, a no-replace
-        link), so a check followed by a write can never race."""
+        link), so a check followed by a write can never race. ``fields`` are standard fields
+        among ``standard_fields``; ``options`` the storage class and encryption. Metadata the
+        store cannot represent raises PermanentError ``metadata_unrepresentable`` here, before
+        any byte is sent."""
 
     def check(self) -> None:
         """Raise if the store cannot be reached (used by /ready)."""
@@ -688,7 +806,7 @@ class LocalMetadata:
         "SELECT metadata FROM objects WHERE provider=? AND bucket=? AND key=? AND stat=?",
     )
 
-    def get(self, ref: ObjectRef, version: str) -> dict[str, str]:
+    def get(self, ref: ObjectRef, version: str) -> dict[str, Any]:
         args = (ref.provider, ref.bucket, ref.key, version)
         with self._lock:
             for query in self._GET:
@@ -698,7 +816,7 @@ class LocalMetadata:
         return {}
 
     @contextlib.contextmanager
-    def committing(self, ref: ObjectRef) -> Iterator[Callable[[str, Mapping[str, str]], None]]:
+    def committing(self, ref: ObjectRef) -> Iterator[Callable[[str, Mapping[str, Any]], None]]:
         """The commit lock of every local store on this root, across processes (an exclusive
         lock on ``commit.lock``, released by the kernel if the holder dies), held while a commit
         compares the destination with what its plan saw, records the new version and puts its
@@ -726,7 +844,7 @@ class LocalMetadata:
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-    def _record(self, ref: ObjectRef, version: str, metadata: Mapping[str, str]) -> None:
+    def _record(self, ref: ObjectRef, version: str, metadata: Mapping[str, Any]) -> None:
         key = (ref.provider, ref.bucket, ref.key)
         with _lock_busy_is_retryable(ref):
             self._db.execute(
@@ -767,6 +885,7 @@ class LocalObjectStore:
     LocalMetadata after the rename."""
 
     late_metadata_limit = sys.maxsize
+    standard_fields = frozenset(STANDARD_FIELDS)  # kept in metadata.db: every one
 
     def __init__(
         self,
@@ -792,14 +911,17 @@ class LocalObjectStore:
         _refuse_symlink(st, ref)
         if not stat.S_ISREG(st.st_mode):
             return None
-        meta = dict(self.metadata.get(ref, _stat_version(st)))
-        return ObjectInfo(
+        fields, meta = _local_record(self.metadata.get(ref, _stat_version(st)))
+        info = ObjectInfo(
             size=st.st_size,
             version=_stat_version(st),
-            content_type=meta.pop("content-type", None),
+            content_type=fields.pop("content-type", None),
             metadata=meta,
-            checksums={"sha256": meta[META_SHA256]} if META_SHA256 in meta else {},
+            fields=fields,
+            revision={"stat": _stat_version(st)},
         )
+        sha256 = info.recorded(META_SHA256)  # local mode trusts its own record
+        return dataclasses.replace(info, checksums={"sha256": sha256}) if sha256 else info
 
     @contextlib.contextmanager
     def open_read(
@@ -840,6 +962,8 @@ class LocalObjectStore:
         content_type: str,
         metadata: Mapping[str, str],
         replaces: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        options: WriteOptions | None = None,
     ) -> LocalUpload:
         path = self._path(ref)
         temp = self.tmp_dir / f"upload-{uuid.uuid4().hex}"
@@ -855,7 +979,14 @@ class LocalObjectStore:
                 f"cannot write {ref.uri}: {exc}", reason="destination_error"
             ) from exc
         return LocalUpload(
-            self, ref, path=path, temp=temp, fd=fd, content_type=content_type, replaces=replaces
+            self,
+            ref,
+            path=path,
+            temp=temp,
+            fd=fd,
+            content_type=content_type,
+            replaces=replaces,
+            fields=fields,
         )
 
     def check(self) -> None:
@@ -905,6 +1036,16 @@ class LocalObjectStore:
 LOCAL_NAME_MAX = 255
 
 
+def _local_record(record: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(standard fields with content-type, user metadata) of a LocalMetadata record. Records
+    written before standard fields were kept are one flat dict: metadata plus content-type."""
+    if isinstance(record.get("fields"), dict):
+        return dict(record["fields"]), dict(record.get("metadata") or {})
+    flat = dict(record)
+    content_type = flat.pop("content-type", None)
+    return ({"content-type": content_type} if content_type else {}), flat
+
+
 def _check_name_lengths(ref: ObjectRef, parts: list[str]) -> None:
     if len(ref.key) <= LOCAL_NAME_MAX // 4:  # at most 4 UTF-8 bytes a character: cannot be over
         return
@@ -948,9 +1089,11 @@ class LocalUpload:
         fd: int,
         content_type: str,
         replaces: str | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> None:
         self.store, self.ref, self.path, self.temp, self.fd = store, ref, path, temp, fd
         self.content_type, self.replaces = content_type, replaces
+        self.fields = dict(fields or {})  # local mode keeps every standard field
 
     def write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -966,7 +1109,8 @@ class LocalUpload:
             self.store._path(self.ref)  # re-check: a symlink may have appeared since open_write
             with self.store.metadata.committing(self.ref) as record:
                 self._check_planned()
-                record(version, {**metadata, "content-type": self.content_type})
+                fields = {**self.fields, "content-type": self.content_type}
+                record(version, {"fields": fields, "metadata": dict(metadata)})
                 self._put_in_place()
                 _fsync_dir(os.path.dirname(self.path))  # the rename must reach the disk first
             self.store.metadata.forget_others(self.ref, version)
@@ -2148,24 +2292,97 @@ _ENCODED_WORD = r"=\?[^?\s]+\?(?:[Bb]\?[A-Za-z0-9+/]*={0,2}|[Qq]\?[^?\s]*)\?="
 _ENCODED_WORDS = re.compile(rf"{_ENCODED_WORD}(?:\s+{_ENCODED_WORD})*")
 
 
+# A user metadata name is an HTTP header name (x-amz-meta-<name>): an RFC 9110 token.
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def _s3_metadata_out(metadata: Mapping[str, str]) -> dict[str, str]:
-    """Metadata as S3 accepts it: ASCII, within 2 KB. The largest the worker writes today fits
-    always: a transfer-source of gs://, a 222-byte bucket and a 1,024-byte key is 1,684 bytes
-    encoded, 1,873 with the rest. More (the source's own metadata) is refused, never cut."""
-    sent = {name: _encoded_word(value) for name, value in metadata.items()}
-    size = sum(len(name.encode("utf-8")) + len(value) for name, value in sent.items())
+    """Metadata as S3 accepts it: names lowercased HTTP tokens, values ASCII, within 2 KB. The
+    worker's own record always fits (at most 2,005 bytes: a 1,024-byte emoji key in a 222-byte
+    GCS bucket, encoded, is the largest source URI; test_keys measures it);
+    metadata that cannot be held as it is is refused with metadata_unrepresentable, never cut:
+    a name that is not a token, two names that differ only in case, more than 2 KB."""
+    sent: dict[str, str] = {}
+    for name, value in metadata.items():
+        if not _HTTP_TOKEN.fullmatch(name):
+            raise unrepresentable(f"user metadata key {name!r} cannot be an S3 header name")
+        if name.lower() in sent:
+            raise unrepresentable(
+                f"user metadata key {name!r} differs from another only in case; S3 lowercases"
+            )
+        sent[name.lower()] = _encoded_word(value)
+    size = sum(len(name) + len(value) for name, value in sent.items())
     if size > S3_METADATA_LIMIT:
-        raise PermanentError(
-            f"metadata of {size} bytes is over S3's {S3_METADATA_LIMIT}-byte limit",
-            reason="metadata_too_large",
+        largest = max(sent, key=lambda name: len(name) + len(sent[name]))
+        raise unrepresentable(
+            f"user metadata of {size} bytes (the largest key {largest!r}) is over S3's "
+            f"{S3_METADATA_LIMIT}-byte limit"
         )
     return sent
 
 
 def _encoded_word(value: str) -> str:
-    if value.isascii() and "=?" not in value:
+    """Header-safe: also a value with control characters or edge spaces (HTTP strips them)."""
+    if value.isascii() and value.isprintable() and "=?" not in value and value == value.strip():
         return value
     return f"=?UTF-8?B?{_b64(value.encode('utf-8'))}?="
+
+
+S3_FIELDS = {
+    "cache-control": "CacheControl",
+    "content-disposition": "ContentDisposition",
+    "content-encoding": "ContentEncoding",
+    "content-language": "ContentLanguage",
+    "expires": "Expires",
+}
+
+
+def _s3_fields_out(fields: Mapping[str, str]) -> dict[str, Any]:
+    """Standard fields as PutObject / CreateMultipartUpload parameters. They are plain headers,
+    which S3 keeps only as printable ASCII: anything else is refused, naming the field."""
+    args: dict[str, Any] = {}
+    for name, value in fields.items():
+        if not (value.isascii() and value.isprintable()):
+            raise unrepresentable(f"{name} {value!r} is not printable ASCII, as S3 needs")
+        args[S3_FIELDS[name]] = _http_date(value) if name == "expires" else value
+    return args
+
+
+def _http_date(value: str) -> dt.datetime:
+    try:
+        return email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        raise unrepresentable(f"expires {value!r} is not an HTTP date, as S3 needs") from None
+
+
+def _s3_fields_in(response: Mapping[str, Any]) -> dict[str, str]:
+    fields = {name: response.get(param) for name, param in S3_FIELDS.items()}
+    expires = fields["expires"]
+    if isinstance(expires, dt.datetime):  # botocore parses it; ExpiresString is the header
+        expires = email.utils.format_datetime(expires.astimezone(dt.UTC), usegmt=True)
+    fields["expires"] = response.get("ExpiresString") or expires
+    return {name: str(value) for name, value in fields.items() if value}
+
+
+def _s3_revision(response: Mapping[str, Any]) -> dict[str, str]:
+    revision = {"etag": str(response["ETag"])}
+    if response.get("VersionId") and response["VersionId"] != "null":
+        revision["version-id"] = str(response["VersionId"])
+    return revision
+
+
+def _s3_write_args(fields: Mapping[str, str], options: WriteOptions) -> dict[str, Any]:
+    """Standard fields, storage class and encryption of a new S3 object."""
+    args = _s3_fields_out(fields)
+    if options.s3_storage_class:
+        args["StorageClass"] = options.s3_storage_class
+    if options.s3_sse:
+        args["ServerSideEncryption"] = options.s3_sse
+    if options.s3_kms_key_id:
+        args["SSEKMSKeyId"] = options.s3_kms_key_id
+    if options.s3_bucket_key:
+        args["BucketKeyEnabled"] = True
+    return args
 
 
 def _s3_metadata_in(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -2205,6 +2422,7 @@ class S3Store:
         self.stale_after, self.clock = stale_after, clock
         # Metadata of a multipart upload is fixed by CreateMultipartUpload.
         self.late_metadata_limit = part_size
+        self.standard_fields = frozenset(S3_FIELDS)  # no custom time: the engine records it
         self.clients = clients or AwsClients(pool=max(10, concurrency * (window + 1)))
 
     @classmethod
@@ -2238,6 +2456,8 @@ class S3Store:
             content_type=response.get("ContentType"),
             metadata=_s3_metadata_in(response.get("Metadata") or {}),
             checksums=_s3_checksums(response),
+            fields=_s3_fields_in(response),
+            revision=_s3_revision(response),
         )
 
     @contextlib.contextmanager
@@ -2297,9 +2517,18 @@ class S3Store:
         content_type: str,
         metadata: Mapping[str, str],
         replaces: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        options: WriteOptions | None = None,
     ) -> S3Upload:
+        upload_args = _s3_write_args(fields or {}, options or WriteOptions())
         return S3Upload(
-            self, ref, size=size, content_type=content_type, metadata=metadata, replaces=replaces
+            self,
+            ref,
+            size=size,
+            content_type=content_type,
+            metadata=metadata,
+            replaces=replaces,
+            upload_args=upload_args,
         )
 
     def check(self) -> None:
@@ -2409,9 +2638,14 @@ class S3Upload:
         content_type: str,
         metadata: Mapping[str, str],
         replaces: str | None = None,
+        upload_args: Mapping[str, Any] | None = None,
     ) -> None:
         self.store, self.ref, self.size = store, ref, size
         self.content_type, self.metadata = content_type, dict(metadata)
+        # Standard fields, storage class and encryption: fixed at PutObject or at creation.
+        self.upload_args = dict(upload_args or {})
+        # Refused here, before any byte moves, if S3 cannot hold it with the SHA-256 to come.
+        _s3_metadata_out({META_SHA256: "0" * 64, **metadata})
         self.client = store.client(ref)
         # PutObject and CompleteMultipartUpload write only if the key is still as planned.
         self.condition = {"IfMatch": replaces} if replaces else {"IfNoneMatch": "*"}
@@ -2442,6 +2676,7 @@ class S3Upload:
                     ContentType=self.content_type,
                     Metadata=_s3_metadata_out(self.metadata),
                     ChecksumAlgorithm="SHA256",
+                    **self.upload_args,
                 )
         except TransferError:
             self._abort_others(keep=None)  # dead deliveries' uploads; a lost create's is young
@@ -2545,9 +2780,9 @@ class S3Upload:
         self.finished = True
 
     def _put(self, metadata: Mapping[str, str]) -> None:
-        extra = {}
-        if "sha256" in metadata:
-            extra["ChecksumSHA256"] = _b64(bytes.fromhex(metadata["sha256"]))
+        extra = dict(self.upload_args)
+        if META_SHA256 in metadata:
+            extra["ChecksumSHA256"] = _b64(bytes.fromhex(metadata[META_SHA256]))
         with self._conditional():
             self.client.put_object(
                 Bucket=self.ref.bucket,
@@ -2703,6 +2938,59 @@ def _b64_hex(value: str | None) -> str | None:
     return base64.b64decode(value).hex() if value else None
 
 
+GCS_METADATA_LIMIT = 8 * 1024  # bytes of custom metadata, keys and values together (UTF-8)
+# Standard fields as object resource properties (JSON API names).
+GCS_FIELDS = {
+    "cache-control": "cacheControl",
+    "content-disposition": "contentDisposition",
+    "content-encoding": "contentEncoding",
+    "content-language": "contentLanguage",
+    "custom-time": "customTime",
+}
+
+
+def _gcs_metadata_out(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Custom metadata as GCS holds it: any UTF-8, within 8 KiB in all; more is refused."""
+    size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in metadata.items())
+    if size > GCS_METADATA_LIMIT:
+        largest = max(metadata, key=lambda name: len(name) + len(metadata[name]))
+        raise unrepresentable(
+            f"custom metadata of {size} bytes (the largest key {largest!r}) is over GCS's "
+            f"{GCS_METADATA_LIMIT}-byte limit"
+        )
+    return dict(metadata)
+
+
+def _gcs_fields_out(fields: Mapping[str, str]) -> dict[str, str]:
+    if "custom-time" in fields:
+        try:
+            parse_time(fields["custom-time"])
+        except ValueError:
+            raise unrepresentable(
+                f"custom-time {fields['custom-time']!r} is not an RFC 3339 time, as GCS needs"
+            ) from None
+    return {GCS_FIELDS[name]: value for name, value in fields.items()}
+
+
+def _gcs_fields_in(blob: Any) -> dict[str, str]:
+    properties = blob._properties  # the resource as sent: customTime unparsed
+    return {name: str(properties[key]) for name, key in GCS_FIELDS.items() if properties.get(key)}
+
+
+def _gcs_resource(
+    metadata: Mapping[str, str], fields: Mapping[str, str], options: WriteOptions
+) -> dict[str, Any]:
+    """The object resource properties a new object is created with, besides its metadata and
+    Content-Type; kmsKeyName goes in the query of both upload paths (the client puts it there)."""
+    _gcs_metadata_out({META_SHA256: "0" * 64, **metadata})  # refused before any byte moves
+    resource = _gcs_fields_out(fields)
+    if options.gcs_storage_class:
+        resource["storageClass"] = options.gcs_storage_class
+    if options.gcs_kms_key:
+        resource["kmsKeyName"] = options.gcs_kms_key
+    return resource
+
+
 class GCSStore:
     """gcp_gcs objects through google-cloud-storage: ranged reads pinned to the generation seen by
     head(); a single upload for objects of at most one chunk, a resumable upload above that whose
@@ -2718,6 +3006,7 @@ class GCSStore:
         # Resumable chunks must be multiples of 256 KiB; reads use the same size.
         self.chunk = max(GCS_QUANTUM, part_size - part_size % GCS_QUANTUM)
         self.late_metadata_limit = self.chunk  # resumable metadata is fixed at initiation
+        self.standard_fields = frozenset(GCS_FIELDS)  # no Expires: the engine records it
         self.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
         self.client = client or self._make_client(pool=max(10, concurrency * 2))
 
@@ -2755,6 +3044,11 @@ class GCSStore:
             content_type=blob.content_type,
             metadata=dict(blob.metadata or {}),
             checksums={name: value for name, value in checksums.items() if value},
+            fields=_gcs_fields_in(blob),
+            revision={
+                "generation": str(blob.generation),
+                "metageneration": str(blob.metageneration),
+            },
         )
 
     @contextlib.contextmanager
@@ -2808,9 +3102,17 @@ class GCSStore:
         content_type: str,
         metadata: Mapping[str, str],
         replaces: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        options: WriteOptions | None = None,
     ) -> GCSUpload:
         return GCSUpload(
-            self, ref, size=size, content_type=content_type, metadata=metadata, replaces=replaces
+            self,
+            ref,
+            size=size,
+            content_type=content_type,
+            metadata=metadata,
+            replaces=replaces,
+            resource=_gcs_resource(metadata, fields or {}, options or WriteOptions()),
         )
 
     def abort_stale_uploads(self, ref: ObjectRef) -> int:
@@ -2919,6 +3221,7 @@ class GCSUpload:
         content_type: str,
         metadata: Mapping[str, str],
         replaces: str | None = None,
+        resource: Mapping[str, Any] | None = None,
     ) -> None:
         import google_crc32c
 
@@ -2926,6 +3229,10 @@ class GCSUpload:
         # The object is written only if its generation is still the planned one (0: absent).
         self.generation_match = int(replaces) if replaces else 0
         self.blob = store.blob(ref)
+        for name, value in (resource or {}).items():
+            # Through the client's own change tracking, so that both the resumable session and
+            # the single upload send them (customTime as given, not re-formatted).
+            self.blob._patch_property(name, value)
         self.blob.metadata = dict(metadata)
         self.held: list[bytes] = []  # the whole small object, or the held-back tail, as read
         self.written = 0  # bytes handed over, each once; the CRC32C covers exactly these
@@ -3657,9 +3964,9 @@ def plan_skip(
     far-future time."""
     if dst is None:
         return None
-    dst_sha = dst.metadata.get(META_SHA256)
+    dst_sha = dst.recorded(META_SHA256)
     if (
-        dst.metadata.get(META_EVENT_ID) == event.event_id
+        dst.recorded(META_EVENT_ID) == event.event_id
         and dst_sha
         and (expected_sha256 in (None, dst_sha))
     ):
@@ -3679,7 +3986,7 @@ def same_content(dst: ObjectInfo | None, sha256: str | None, event: TransferEven
     Identical bytes from a newer event are written again: with only the older event on record,
     a later-arriving event older than this one would not be stale, and would replace the newest
     bytes (the model test found it)."""
-    if dst is None or not sha256 or dst.metadata.get(META_SHA256) != sha256:
+    if dst is None or not sha256 or dst.recorded(META_SHA256) != sha256:
         return False
     recorded = _recorded_order(dst)
     return not (recorded and recorded < _order(event))
@@ -3694,12 +4001,56 @@ def _order(event: TransferEvent) -> tuple[dt.datetime, str]:
 
 def _recorded_order(dst: ObjectInfo) -> tuple[dt.datetime, str] | None:
     """_order of the event the destination records; None when it records none we can read."""
-    written_at = dst.metadata.get(META_EVENT_TIME)
+    written_at = dst.recorded(META_EVENT_TIME)
     try:
         written = parse_time(written_at) if written_at else None
     except ValueError:
         return None
-    return None if written is None else (written, dst.metadata.get(META_EVENT_ID, ""))
+    return None if written is None else (written, dst.recorded(META_EVENT_ID) or "")
+
+
+def _is_record(name: str) -> bool:
+    """One of the worker's own keys (exactly; a variant in case is not one)."""
+    return name in LEGACY_META or name.startswith(META_SOURCE_ATTRIBUTE)
+
+
+def carried_metadata(info: ObjectInfo, options: WriteOptions) -> dict[str, str]:
+    """The source's user metadata that the destination gets (with --metadata all), and the
+    route's fixed metadata over it. Keys under the reserved prefix cannot pass for the
+    worker's: its own record (the source was once a destination) is replaced by this
+    transfer's, and any other key there, or a variant in case of one, is refused."""
+    carried = dict(info.metadata) if options.metadata == "all" else {}
+    for name in [name for name in carried if name.lower().startswith(META_PREFIX)]:
+        if not _is_record(name):
+            raise unrepresentable(
+                f"user metadata key {name!r} is under the worker's reserved prefix {META_PREFIX!r}"
+            )
+        del carried[name]
+    return {**carried, **options.fixed_metadata}
+
+
+def carried_fields(
+    info: ObjectInfo, supported: frozenset[str], options: WriteOptions
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(standard fields the destination is given, metadata recording the others): S3 has no
+    custom time and GCS no Expires, so those cross as transfer-worker-source-<field>, and a
+    field so recorded on the source becomes a field again where the destination has it (S3 to
+    GCS to S3 keeps Expires)."""
+    if options.metadata == "none":
+        return {}, {}
+    recorded = {
+        name: info.metadata[META_SOURCE_ATTRIBUTE + name]
+        for name in STANDARD_FIELDS
+        if META_SOURCE_ATTRIBUTE + name in info.metadata
+    }
+    fields = {**recorded, **info.fields}
+    given = {name: value for name, value in fields.items() if name in supported}
+    others = {
+        META_SOURCE_ATTRIBUTE + name: value
+        for name, value in fields.items()
+        if name not in supported
+    }
+    return given, others
 
 
 class DigestSet:
@@ -3796,10 +4147,12 @@ class TransferEngine:
         overwrite: str = "different",
         clock_skew: float = DEFAULT_CLOCK_SKEW,
         clock: Callable[[], float] = time.time,
+        options: WriteOptions | None = None,
     ) -> None:
         self.stores = stores
         self.overwrite = overwrite
         self.clock_skew, self.clock = clock_skew, clock
+        self.options = options or WriteOptions()  # a route will choose them per event
 
     def _latest_event_time(self) -> dt.datetime:
         """The newest destination event time believed: the worker's clock plus the skew."""
@@ -3850,14 +4203,22 @@ class TransferEngine:
         on_progress: Callable[[int], None],
     ) -> TransferResult:
         """Stream, verify and commit on the condition that the destination is still plan.dst."""
-        metadata = self._metadata(event, plan.sha256)
-        content_type = event.content_type or plan.src.content_type or "application/octet-stream"
+        fields, recorded = carried_fields(plan.src, dst.standard_fields, self.options)
+        metadata = {
+            **carried_metadata(plan.src, self.options),
+            **recorded,
+            **self._metadata(event, plan.sha256, plan.src),
+        }
+        source_type = plan.src.content_type if self.options.metadata != "none" else None
+        content_type = event.content_type or source_type or "application/octet-stream"
         upload = dst.open_write(
             event.destination,
             size=plan.src.size,
             content_type=content_type,
             metadata=metadata,
             replaces=plan.dst.version if plan.dst else None,
+            fields=fields,
+            options=self.options,
         )
         try:
             digests = self._pump(src, event.source, plan.src, upload, on_progress)
@@ -3883,11 +4244,14 @@ class TransferEngine:
         return self.stores[event.destination.provider].abort_stale_uploads(event.destination)
 
     @staticmethod
-    def _metadata(event: TransferEvent, sha256: str | None) -> dict[str, str]:
+    def _metadata(event: TransferEvent, sha256: str | None, src: ObjectInfo) -> dict[str, str]:
+        """The worker's record: the event, and the source version it read (next to the SHA-256,
+        so that a later comparison can tell an unchanged source without reading it)."""
         metadata = {
             META_EVENT_ID: event.event_id,
             META_SOURCE: event.source.uri,
             META_EVENT_TIME: event.timestamp.isoformat(),
+            **{META_SOURCE_ATTRIBUTE + name: value for name, value in src.revision.items()},
         }
         return {**metadata, META_SHA256: sha256} if sha256 else metadata
 
@@ -5407,7 +5771,12 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     worker = Worker(
         config,
         queue,
-        TransferEngine(stores, overwrite=config.overwrite, clock_skew=config.clock_skew),
+        TransferEngine(
+            stores,
+            overwrite=config.overwrite,
+            clock_skew=config.clock_skew,
+            options=WriteOptions.from_config(config),
+        ),
         metrics,
         log,
         readiness=readiness,

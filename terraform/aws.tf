@@ -391,6 +391,19 @@ data "aws_iam_policy_document" "worker" {
     }
   }
 
+  # Only when a key is configured: SSE-KMS writes with the customer managed key named in
+  # --s3-kms-key-id (PutObject needs GenerateDataKey; multipart parts need Decrypt as well).
+  dynamic "statement" {
+    for_each = var.s3_kms_key_arn != null ? ["DestinationKmsKey"] : []
+
+    content {
+      sid       = statement.value
+      effect    = "Allow"
+      actions   = ["kms:GenerateDataKey", "kms:Decrypt"]
+      resources = [var.s3_kms_key_arn]
+    }
+  }
+
   # Opt-in: lets the next attempt find and abort a killed worker's orphan multipart upload of
   # the same key; without it the bucket lifecycle rule aborts it after N days.
   dynamic "statement" {

@@ -80,6 +80,20 @@ resource "google_storage_bucket" "transfer" {
   }
 }
 
+# CMEK (--gcs-kms-key): GCS encrypts with the key as the project's Cloud Storage service agent,
+# not as the worker, so the agent gets Encrypter/Decrypter on that one key, only when one is named.
+data "google_storage_project_service_account" "gcs" {
+  count   = var.gcs_kms_key_name == null ? 0 : 1
+  project = var.gcp_project_id
+}
+
+resource "google_kms_crypto_key_iam_member" "gcs_service_agent" {
+  count         = var.gcs_kms_key_name == null ? 0 : 1
+  crypto_key_id = var.gcs_kms_key_name
+  role          = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+  member        = "serviceAccount:${data.google_storage_project_service_account.gcs[0].email_address}"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Pub/Sub
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,17 @@ variable "s3_abort_orphan_uploads" {
   default     = false
 }
 
+variable "s3_kms_key_arn" {
+  description = "ARN of the KMS key the worker encrypts S3 destination objects with (--s3-kms-key-id). When set, the worker's role gets kms:GenerateDataKey and kms:Decrypt on this key only (SSE-KMS writes need both: multipart parts are encrypted with a data key); null grants nothing."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.s3_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/.+$", var.s3_kms_key_arn))
+    error_message = "s3_kms_key_arn must be null or a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID)."
+  }
+}
+
 variable "s3_sse_algorithm" {
   description = "Default S3 encryption: aws:kms (the AWS managed aws/s3 key, usable by the worker without kms:* permissions) or AES256 (SSE-S3)."
   type        = string
@@ -306,6 +317,17 @@ variable "pubsub_dead_letter_topic_name" {
   validation {
     condition     = can(regex("^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$", var.pubsub_dead_letter_topic_name))
     error_message = "pubsub_dead_letter_topic_name must be a valid Pub/Sub topic id."
+  }
+}
+
+variable "gcs_kms_key_name" {
+  description = "Cloud KMS key (projects/P/locations/L/keyRings/R/cryptoKeys/K) the worker writes GCS destination objects with (--gcs-kms-key, CMEK). When set, the project's Cloud Storage service agent gets roles/cloudkms.cryptoKeyEncrypterDecrypter on this key only; null grants nothing."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.gcs_kms_key_name == null || can(regex("^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$", var.gcs_kms_key_name))
+    error_message = "gcs_kms_key_name must be null or projects/P/locations/L/keyRings/R/cryptoKeys/K."
   }
 }
 

@@ -312,9 +312,9 @@ class FixedMetadataDestination(tw.LocalObjectStore):
     late_metadata_limit = 10
     uploads_opened = 0
 
-    def open_write(self, ref, *, size, content_type, metadata):  # type: ignore[no-untyped-def]
+    def open_write(self, ref, **kwargs):  # type: ignore[no-untyped-def]
         FixedMetadataDestination.uploads_opened += 1
-        return super().open_write(ref, size=size, content_type=content_type, metadata=metadata)
+        return super().open_write(ref, **kwargs)
 
 
 def test_a_drain_stops_the_hashing_pass_at_the_next_chunk(root: Path):

@@ -139,7 +139,7 @@ def help_text(capsys: pytest.CaptureFixture[str], *command: str) -> str:
 def setting_flags(text: str) -> set[str]:
     """The setting flags a help text lists (its 'settings' section)."""
     section = text.split("settings (", 1)[1] if "settings (" in text else ""
-    return set(re.findall(r"^  (--[a-z-]+)", section, re.M))
+    return set(re.findall(r"^  (--[a-z0-9-]+)", section, re.M))
 
 
 def option_entry(text: str, flag: str) -> str:
@@ -162,8 +162,10 @@ def test_help_placeholders_are_values_and_names_the_variables(
     wide: None, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
     text = help_text(capsys, *command)
-    assert not re.findall(r"--[a-z-]+ TRANSFER_WORKER_", text), "a placeholder is a variable name"
-    assert not re.findall(r"--[a-z-]+ (INT|FLOAT)\b", text), "a placeholder is a type name"
+    assert not re.findall(r"--[a-z0-9-]+ TRANSFER_WORKER_", text), (
+        "a placeholder is a variable name"
+    )
+    assert not re.findall(r"--[a-z0-9-]+ (INT|FLOAT)\b", text), "a placeholder is a type name"
     for flag in setting_flags(text):
         entry = option_entry(text, flag)
         env = "TRANSFER_WORKER_" + flag[2:].replace("-", "_").upper()

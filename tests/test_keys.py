@@ -229,24 +229,28 @@ def test_every_key_round_trips_through_s3_metadata_as_ascii(key: str) -> None:
 
 def test_the_largest_metadata_the_worker_writes_fits_within_s3s_2_kb() -> None:
     """gs:// + a 222-byte bucket (dotted, the longest GCS allows) + 1,024 bytes of emoji, with
-    the other metadata at their longest (microsecond timestamp with an offset)."""
+    the other metadata at their longest (microsecond timestamp with an offset, a 19-digit
+    generation: an int64)."""
     bucket = ".".join(["b" * 63] * 3) + "." + "c" * 30
     assert len(bucket) == 222
     metadata = {
         tw.META_EVENT_ID: str(uuid.uuid4()),
         tw.META_SOURCE: uri("gcp_gcs", bucket, "😀" * 256),
         tw.META_EVENT_TIME: "2026-12-01T19:01:06.123456+00:00",
+        tw.META_SOURCE_ATTRIBUTE + "generation": "9" * 19,
+        tw.META_SOURCE_ATTRIBUTE + "metageneration": "9" * 6,
         tw.META_SHA256: "f" * 64,
     }
     sent = tw._s3_metadata_out(metadata)
-    assert sum(len(k) + len(v) for k, v in sent.items()) == 1873
+    assert sum(len(k) + len(v) for k, v in sent.items()) == 2005
     assert tw._s3_metadata_in(sent) == metadata
 
 
 def test_metadata_over_2_kb_is_refused_not_cut() -> None:
     with pytest.raises(tw.PermanentError) as raised:
         tw._s3_metadata_out({"a": "x" * 2048})
-    assert raised.value.reason == "metadata_too_large"
+    assert raised.value.reason == "metadata_unrepresentable"  # was metadata_too_large
+    assert "'a'" in str(raised.value)
 
 
 def test_s3_head_decodes_encoded_words_and_keeps_values_that_only_look_like_them(

@@ -385,7 +385,7 @@ def test_a_streamed_request_cut_mid_body_resumes_from_what_the_session_kept(
     assert result.outcome == "success"
     stored, metadata = setting.stored("big.bin")
     assert stored == data
-    assert metadata["sha256"] == sha(data)
+    assert metadata[tw.META_SHA256] == sha(data)
     proxy = setting.proxy
     assert len(proxy.of("create")) == 1  # one session: the object did not start again
     assert ranges(proxy.of("stream")) == [
@@ -484,7 +484,7 @@ def test_a_lost_answer_to_the_finalising_request_asks_the_session_and_is_done(
 
     assert result.outcome == "success"
     stored, metadata = setting.stored("final.bin")
-    assert (stored, metadata["sha256"]) == (data, sha(data))
+    assert (stored, metadata[tw.META_SHA256]) == (data, sha(data))
     assert len(setting.proxy.of("final")) == 1
     assert len(setting.proxy.of("status")) == 1
     assert len(setting.proxy.of("create")) == 1

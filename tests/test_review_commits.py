@@ -386,7 +386,7 @@ def test_local_two_processes_a_replan_during_the_others_commit_lets_an_older_eve
     assert out.strip() == "success"  # Q wrote June's event
     # P's re-plan ran while Q's file was in place and Q held the commit lock: it saw Q's record
     # (before, it saw the file unrecorded, {}: a record is now written before its file appears)
-    assert dst.seen is not None and dst.seen.metadata.get("transfer-event-time", "").startswith(
+    assert dst.seen is not None and (dst.seen.recorded(tw.META_EVENT_TIME) or "").startswith(
         "2026-06"
     )
     assert (result.outcome, result.reason) == ("skipped", "stale_event")
