@@ -1017,7 +1017,11 @@ def campaign_outage_cloud(size: str, work: Path) -> Result:
         for line in metrics.splitlines()
         if line.startswith("queue_errors_total{")
     )
-    streaks = [line for line in worker.logs() if line.get("message") == "Queue unreachable"]
+    streaks = [
+        entry
+        for entry in worker.logs()
+        if str(entry.get("message")).startswith("Queue unreachable")
+    ]
     defects = []
     if not alive or code != 0:
         defects.append(f"the worker did not ride out the outage (alive {alive}, exit {code})")
