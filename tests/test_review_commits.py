@@ -136,7 +136,13 @@ class SecondDeliveryInStream:
 
 
 @pytest.mark.xfail(
-    strict=True, reason="finding 2: CreateMultipartUpload aborts a concurrent delivery's upload"
+    strict=True,
+    reason=(
+        "moto reports every multipart upload as Initiated 2010-11-10, so the first delivery's "
+        "upload, which has no part yet, looks idle past the visibility timeout and the second "
+        "delivery aborts it; on S3 it is young and left alone (test_bounds.py covers the rule "
+        "with real times). Still open: a NoSuchUpload could re-plan instead of failing the attempt"
+    ),
 )
 def test_s3_a_delivery_aborted_by_a_concurrent_one_is_dead_lettered_with_max_retries_0(
     aws_env: str, tmp_path: Path
