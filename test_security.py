@@ -36,6 +36,9 @@ from tests.campaigns.common import (
 SRC = ("aws_s3", "src-bucket")
 DST = ("gcp_gcs", "dst-bucket")
 ALLOWED = "aws_s3:src-bucket,gcp_gcs:dst-bucket"
+# What local mode keeps at its root besides the buckets: the SQLite queue and metadata (with their
+# WAL files) and the commit lock that every worker on the root takes.
+ROOT_FILES = ("-wal", "-shm", ".db", "commit.lock")
 
 
 def files_under(path: Path) -> set[str]:
@@ -79,7 +82,7 @@ def test_only_allowlisted_buckets_are_touched(tmp_path: Path):
     assert (root / "gcp_gcs" / "dst-bucket" / "good").read_bytes() == b"allowed payload"
     created = files_under(root) - before
     allowed_new = {"gcp_gcs/dst-bucket", "gcp_gcs/dst-bucket/good", ".tmp"}
-    assert {p for p in created if not p.endswith(("-wal", "-shm", ".db"))} <= allowed_new
+    assert {p for p in created if not p.endswith(ROOT_FILES)} <= allowed_new
     assert not (root / "gcp_gcs" / "evil-bucket").exists()
     assert not (root / "aws_s3" / "dst-bucket").exists()
     assert files_under(outside) == set()
@@ -169,7 +172,7 @@ def test_traversal_and_control_character_keys_are_rejected(tmp_path: Path, side:
         expected = {"invalid_key"} if key in TRAVERSAL_KEYS else {"invalid_key", "invalid_event"}
         assert envelope["reason"] in expected, (key, envelope)
     created = {p for p in files_under(tmp_path) - before if "/.tmp" not in p}
-    assert all(p.startswith("root/") and p.endswith(("-wal", "-shm", ".db")) for p in created), (
+    assert all(p.startswith("root/") and p.endswith(ROOT_FILES) for p in created), (
         created
     )
     assert not (root / "gcp_gcs" / "dst-bucket" / "from-bad-source").exists()
@@ -192,7 +195,7 @@ def test_lookalike_keys_never_leave_their_bucket(tmp_path: Path, side: str):
         inside_bucket = path == "root/gcp_gcs" or path.startswith(
             ("root/gcp_gcs/dst-bucket", "root/.tmp")
         )
-        assert inside_bucket or path.endswith(("-wal", "-shm", ".db")), path
+        assert inside_bucket or path.endswith(ROOT_FILES), path
     envelopes = {e["event_id"]: e["reason"] for e in dlq_list(root)}
     for event, key in zip(events, LOOKALIKE_KEYS, strict=True):
         if event["eventId"] in envelopes:
