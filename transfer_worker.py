@@ -2663,8 +2663,20 @@ class S3Upload:
         self.free: queue_module.SimpleQueue[bytearray] = queue_module.SimpleQueue()
         # S3 allows 10,000 parts: past --part-size x 10,000 (78 GiB at 8 MiB) parts grow, in MiB.
         self.part_size = max(store.part_size, -(-size // (S3_MAX_PARTS * MiB)) * MiB)
+        self.part_size = self._another_etag_than(replaces, size, self.part_size)
         if size > store.part_size:
             self._create()
+
+    @staticmethod
+    def _another_etag_than(replaces: str | None, size: int, part_size: int) -> int:
+        """A part size whose multipart ETag cannot be the planned one. An S3 ETag names bytes and
+        their part layout, not a write: a rewrite of identical bytes in the same layout (a newer
+        event with the same content) kept the ETag, so an older event that planned on it could
+        still commit over the newer one. Parts one MiB larger give another layout."""
+        parts = -(-size // part_size)
+        if replaces and replaces.strip('"').endswith(f"-{parts}"):
+            return part_size + MiB
+        return part_size
 
     def _create(self) -> None:
         try:
@@ -2779,6 +2791,10 @@ class S3Upload:
         self.finished = True
 
     def _put(self, metadata: Mapping[str, str]) -> None:
+        body = _joined(self)
+        if self._would_keep_the_etag(body):
+            self._put_as_one_part(body, metadata)
+            return
         extra = dict(self.upload_args)
         if META_SHA256 in metadata:
             extra["ChecksumSHA256"] = _b64(bytes.fromhex(metadata[META_SHA256]))
@@ -2786,12 +2802,25 @@ class S3Upload:
             self.client.put_object(
                 Bucket=self.ref.bucket,
                 Key=self.ref.key,
-                Body=_joined(self),
+                Body=body,
                 ContentType=self.content_type,
                 Metadata=_s3_metadata_out(metadata),
                 **extra,
                 **self.condition,
             )
+
+    def _would_keep_the_etag(self, body: bytes) -> bool:
+        """A PutObject's ETag is the MD5 of its body (without SSE-KMS): these bytes, put again
+        over the same bytes, would leave the planned ETag in place (see _another_etag_than)."""
+        planned = self.condition.get("IfMatch", "").strip('"')
+        return bool(planned) and planned == hashlib.md5(body, usedforsecurity=False).hexdigest()
+
+    def _put_as_one_part(self, body: bytes, metadata: Mapping[str, str]) -> None:
+        """The same bytes as a multipart upload of one part: its ETag ("<md5>-1") differs."""
+        self.metadata = dict(metadata)
+        self._create()
+        self._submit_part(bytearray(body))
+        self._complete()
 
     def _complete(self) -> None:
         if self.part is not None:  # the last part, shortened in place

@@ -38,23 +38,38 @@ def meanwhile(engine: tw.TransferEngine, event: tw.TransferEvent, done: dict[str
 # -- S3: an ETag names bytes, not a write ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finding 1: an S3 ETag names bytes, not a write (ADR 10 says so)"
-)
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["one-request", "multipart"])
+def test_s3_identical_bytes_written_again_get_another_etag(aws_env: str, size: int) -> None:
+    """The rewrite a newer event with the same bytes makes (so that it is on record) must not
+    leave the ETag another writer may have planned on: one request becomes one part of a
+    multipart upload, a multipart upload takes parts one MiB larger."""
+    side = s3_side()
+    side.put("src/x", os.urandom(size))
+    engine = tw.TransferEngine({side.provider: side.store})
+    dst = side.ref("out")
+    assert engine.transfer(event_for(side.ref("src/x"), dst, JAN)).outcome == "success"
+    before = side.store.head(dst)
+    assert engine.transfer(event_for(side.ref("src/x"), dst, JUN)).outcome == "success"
+    after = side.store.head(dst)
+    assert after.version != before.version
+    assert after.recorded(tw.META_EVENT_TIME).startswith("2026-06-01")
+
+
 @pytest.mark.parametrize(
     ("size", "on_call"),
     [(SMALL, 2), (LARGE, 1)],
     ids=["one-request-replanned", "multipart-planned"],
 )
-def test_s3_an_older_event_overwrites_a_newer_one_that_rewrote_identical_bytes(
+def test_s3_an_older_event_never_overwrites_a_newer_one_that_rewrote_identical_bytes(
     aws_env: str, size: int, on_call: int
 ) -> None:
     """E0 (January) wrote X. E1 (February) plans on E0's ETag: a multipart object reads the
     destination first; a one-request object is refused on "absent" and re-plans. While E1
     streams, E3 (June) writes X again (the same bytes, written again so that June is on
     record). S3's ETag of the same bytes is the same (the MD5 of a single PutObject), so E1's
-    If-Match still holds: E1 commits over June's object. The newest event's bytes are replaced
-    by an older event's; E3 was acknowledged, so nothing repairs it."""
+    If-Match still held: E1 committed over June's object, and E3 was acknowledged, so nothing
+    repaired it. Now a rewrite that would keep the planned ETag is made in another shape (one
+    part of a multipart upload), so E1 is refused and re-plans to stale_event."""
     side = s3_side()
     x, a = os.urandom(SMALL), os.urandom(size)
     side.put("src/x", x)
@@ -75,7 +90,8 @@ def test_s3_an_older_event_overwrites_a_newer_one_that_rewrote_identical_bytes(
     older = engine.transfer(event_for(side.ref("src/a"), dst, FEB), on_progress=newest_meanwhile)
     assert seen["result"].outcome == "success"  # June's event was written (and would be acked)
     assert seen["after"].metadata[tw.META_EVENT_TIME].startswith("2026-06-01")
-    assert seen["after"].version == planned.version  # same bytes, same ETag: If-Match holds
+    # the same bytes kept their ETag, so E1's If-Match held; the rewrite now changes it
+    assert seen["after"].version != planned.version
     assert (older.outcome, older.reason) == ("skipped", "stale_event")
     assert side.read("out") == x
 
