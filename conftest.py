@@ -85,6 +85,19 @@ PUBSUB_FIX_BUILD = PUBSUB_FIX_DIR / "build"  # gitignored compile cache
 # --------------------------------------------------------------------------------------------
 
 
+class Clock:
+    """A clock tests move by hand (epoch seconds), injected where the worker takes ``clock``."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
+from conftest import Clock
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -79,19 +80,6 @@ def body(event: dict[str, Any]) -> bytes:
 def parse(event: dict[str, Any] | bytes) -> tw.TransferEvent:
     raw = event if isinstance(event, bytes) else body(event)
     return tw.parse_event(raw, VALIDATOR)
-
-
-class Clock:
-    """A clock tests move by hand."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

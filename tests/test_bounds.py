@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
+from conftest import Clock
 
 MiB = 1024 * 1024
 VALIDATOR = tw.load_validator()
@@ -422,16 +423,6 @@ def test_the_clock_skew_is_a_setting():
 
 
 # -- S3: abort only the uploads of dead deliveries ------------------------------------------------
-
-
-class Clock:
-    """A clock tests move by hand."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_only_uploads_idle_past_the_visibility_timeout_are_aborted():

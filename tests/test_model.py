@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 )
 
 import transfer_worker as tw
+from conftest import Clock
 
 KEYS = ("k0", "k1")
 CHUNK = 4  # bytes per source read: objects of a few chunks give many interleaving points
@@ -52,14 +53,6 @@ EXAMPLES = int(os.environ.get("TW_MODEL_EXAMPLES", "30"))
 class Killed(BaseException):
     """Raised at a delivery's stop: nothing below catches a BaseException but the engine's abort,
     so the delivery ends unsettled, as a killed worker's would."""
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Delivery:

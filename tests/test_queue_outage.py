@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-from conftest import free_port, wait_for
+from conftest import Clock, free_port, wait_for
 from tests.faultproxy import FaultProxy
 
 HERE = Path(__file__).resolve().parent.parent
@@ -39,17 +39,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_event(key: str = "in/data.bin", max_retries: int = 3) -> dict[str, Any]:

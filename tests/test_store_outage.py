@@ -14,14 +14,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from conftest import Clock
 
 
 class Unreachable:
