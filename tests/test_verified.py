@@ -441,3 +441,34 @@ def test_an_sqs_hand_back_keeps_the_first_send_time(aws_env: str) -> None:
     assert again.message_id != first.message_id  # a copy, sent later
     assert again.sent_at == pytest.approx(first.sent_at, abs=0.001)
     queue.ack(again)
+
+
+@pytest.mark.parametrize(
+    ("published", "event_sha", "expected"),
+    [
+        ({"crc32c": "c"}, False, "source_crc32c"),  # a composite GCS object
+        ({"md5": "m", "crc32c": "c"}, False, "source_md5"),  # any other GCS object
+        ({"sha256": "s", "md5": "m"}, False, "source_sha256"),
+        ({"md5": "m"}, True, "event_sha256"),  # both checked: the strongest is reported
+        ({}, False, "none"),
+    ],
+)
+def test_the_strongest_check_passed_is_the_one_reported(
+    published: dict[str, str], event_sha: bool, expected: str
+) -> None:
+    """The order the README states: event_sha256 > source_sha256 > source_md5 > source_crc32c."""
+    actual = {"sha256": "s", "md5": "m", "crc32c": "c"}
+    info = tw.ObjectInfo(size=1, version="v", checksums=published)
+    event = tw.TransferEvent(
+        event_id="e",
+        correlation_id="c",
+        timestamp=tw.parse_time(REPLAYED),
+        source=tw.ObjectRef("gcp_gcs", "b", "k"),
+        destination=tw.ObjectRef("aws_s3", "b", "k"),
+        content_type=None,
+        checksum_sha256="s" if event_sha else None,
+        max_retries=0,
+        priority="normal",
+    )
+    expected_sha = "s" if event_sha or "sha256" in published else None
+    assert tw.TransferEngine._verify(event, info, expected_sha, actual) == expected
