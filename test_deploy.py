@@ -47,8 +47,9 @@ CONTRACT_COUNTERS = {
     "transfer_skipped_total",
     "transfer_bytes_total",
     "retry_count_total",
+    "transfer_verified_total",
 }
-CONTRACT_HISTOGRAMS = {"transfer_duration_seconds", "queue_lag_seconds"}
+CONTRACT_HISTOGRAMS = {"transfer_duration_seconds", "queue_lag_seconds", "event_age_seconds"}
 CONTRACT_GAUGES = {"transfers_in_flight", "worker_ready"}
 EXPOSED = (
     CONTRACT_COUNTERS
@@ -66,6 +67,7 @@ CONTRACT_DLQ_REASONS = {
     "destination_error",
     "retries_exhausted",
     "message_too_large",
+    "unverifiable",
 }
 
 

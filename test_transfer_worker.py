@@ -835,14 +835,19 @@ def test_poison_messages_are_dead_lettered_verbatim(root: Path, raw: bytes, reas
 
 
 def test_duration_histogram_and_queue_lag_are_recorded(root: Path):
+    """Queue lag counts from the queue's insert (42 s of waiting), the event's age from its
+    timestamp (an hour before the insert), each in its own histogram."""
     h = Harness(root)
     put_source(root, "aws_s3", "source-bucket", "in/data.bin", b"data")
-    event = make_event(timestamp=tw.now_rfc3339(lambda: h.clock() - 42))
+    event = make_event(timestamp=tw.now_rfc3339(lambda: h.clock() - 3600))
     h.submit(event)
+    h.clock.advance(42)
     h.run_once()
     assert h.metric("queue_lag_seconds_count") == 1
     assert h.metric("queue_lag_seconds_bucket", le="45.0") == 1
     assert h.metric("queue_lag_seconds_bucket", le="30.0") == 0
+    assert h.metric("event_age_seconds_bucket", le="21600.0") == 1
+    assert h.metric("event_age_seconds_bucket", le="3600.0") == 0
     assert (
         h.metric(
             "transfer_duration_seconds_count",

@@ -165,6 +165,14 @@ class Config:
         2, "S3 parts uploading at once per transfer (memory: (window + 1) x part size)", minimum=1
     )
     max_retries: int = _setting(3, "cap on an event's metadata.maxRetries", minimum=0)
+    require_checksum: str = _setting(
+        "off",
+        "on: an event whose bytes nothing can verify (no checksumSHA256, and a source that "
+        "publishes no whole-object MD5, CRC32C or SHA-256, as an S3 multipart object) is "
+        "dead-lettered unverifiable before anything is written; --require-checksum alone is on",
+        choices=("on", "off"),
+        const="on",
+    )
     overwrite: str = _setting(
         "different", "when an existing destination is replaced", choices=OVERWRITE_POLICIES
     )
@@ -460,16 +468,31 @@ class Message:
     message_id: str
     received_at: float = dataclasses.field(default_factory=time.time)
     handed_back: int = 0
+    # When the queue itself first took the message (SQS SentTimestamp, Pub/Sub publish_time, the
+    # local queue's insert time), epoch seconds; None when it does not say. Queue lag counts
+    # from here, not from the event's timestamp: a replayed old event has not waited for years.
+    sent_at: float | None = None
+
+
+# What a transfer's bytes were checked against, strongest first (VERIFIED_AGAINST): the producer's
+# SHA-256 is independent of both stores; the source's own digests by strength (a 256-bit hash,
+# a 128-bit one, a 32-bit CRC). NOT_VERIFIED: nothing but the worker's own reading of the bytes.
+VERIFIED_AGAINST = ("event_sha256", "source_sha256", "source_md5", "source_crc32c")
+NOT_VERIFIED = "none"
+UNVERIFIABLE = "unverifiable"  # dead-letter reason under --require-checksum
 
 
 @dataclasses.dataclass(frozen=True)
 class TransferResult:
-    """How a transfer ended well: ``success`` (bytes written) or ``skipped`` (reason says why)."""
+    """How a transfer ended well: ``success`` (bytes written) or ``skipped`` (reason says why).
+    ``verified_against`` is the strongest check the streamed bytes passed (VERIFIED_AGAINST, or
+    NOT_VERIFIED); None when no byte was read (a skip decided from the plan)."""
 
     outcome: str
     bytes_transferred: int = 0
     sha256: str | None = None
     reason: str | None = None
+    verified_against: str | None = None
 
 
 UNREPRESENTABLE = "metadata_unrepresentable"
@@ -1309,7 +1332,7 @@ class LocalQueue:
             "UPDATE messages SET visible_at = ?, receive_count = receive_count + 1, receipt = ? "
             "WHERE id IN (SELECT id FROM messages WHERE visible_at <= ? "
             "ORDER BY priority, visible_at, id LIMIT ?) "
-            "RETURNING priority, id, body, receive_count, handbacks",
+            "RETURNING priority, id, body, receive_count, handbacks, enqueued_at",
             (now + self.visibility_timeout, receipt, now, max_messages),
         )
         return [
@@ -1320,8 +1343,9 @@ class LocalQueue:
                 message_id=str(msg_id),
                 received_at=now,
                 handed_back=handbacks,
+                sent_at=enqueued_at,
             )
-            for _, msg_id, body, count, handbacks in sorted(rows)  # no defined order
+            for _, msg_id, body, count, handbacks, enqueued_at in sorted(rows)  # no defined order
         ]
 
     def ack(self, message: Message) -> None:
@@ -3521,6 +3545,7 @@ def _sqs_region(url: str) -> str | None:
 # Message attributes of a handed-back SQS message's copy: what its earlier copies went through.
 SQS_DELIVERIES = "transfer-worker-deliveries"
 SQS_HANDBACKS = "transfer-worker-handbacks"
+SQS_SENT = "transfer-worker-sent"  # the first copy's SentTimestamp (ms): queue lag counts from it
 SQS_LEASE_GONE = ("does not exist or is not available", "beyond the limit")
 
 
@@ -3579,7 +3604,7 @@ class SQSQueue:
                 WaitTimeSeconds=max(1, min(20, int(wait_seconds))),
                 VisibilityTimeout=self.visibility_timeout,
                 MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
-                MessageAttributeNames=[SQS_DELIVERIES, SQS_HANDBACKS],
+                MessageAttributeNames=[SQS_DELIVERIES, SQS_HANDBACKS, SQS_SENT],
             )
         messages = [self._message(item) for item in response.get("Messages", [])]
         with self._lock:
@@ -3594,12 +3619,14 @@ class SQSQueue:
         def count(name: str) -> int:
             return int(carried.get(name, {}).get("StringValue") or 0)
 
+        sent_ms = count(SQS_SENT) or int(attributes.get("SentTimestamp") or 0)
         return Message(
             body=item["Body"].encode("utf-8"),
             receive_count=int(attributes.get("ApproximateReceiveCount", 1)) + count(SQS_DELIVERIES),
             handle=item["ReceiptHandle"],
             message_id=item["MessageId"],
             handed_back=count(SQS_HANDBACKS),
+            sent_at=sent_ms / 1000 if sent_ms else None,
         )
 
     def _settled(self, message: Message) -> None:
@@ -3637,6 +3664,9 @@ class SQSQueue:
                 MessageAttributes={
                     SQS_DELIVERIES: number(message.receive_count),
                     SQS_HANDBACKS: number(message.handed_back + 1),
+                    **(
+                        {SQS_SENT: number(round(message.sent_at * 1000))} if message.sent_at else {}
+                    ),
                 },
             )
 
@@ -3804,12 +3834,14 @@ class PubSubQueue:
     @staticmethod
     def _message(item: Any) -> Message:
         deliveries = item.delivery_attempt or 1
+        published = getattr(item, "publish_time", None)
         return Message(
             body=bytes(item.data),
             receive_count=deliveries,
             handle=item,
             message_id=item.message_id,
             handed_back=deliveries - 1,
+            sent_at=published.timestamp() if published else None,
         )
 
     def _settle(self, message: Message, through_stream: Callable[[], None]) -> bool:
@@ -4081,6 +4113,9 @@ def carried_fields(
     return given, others
 
 
+DIGESTS = ("sha256", "md5", "crc32c")  # what DigestSet computes, so what a source can be checked by
+
+
 class DigestSet:
     """SHA-256 always, plus the digests the source publishes itself (MD5, CRC32C), in one pass."""
 
@@ -4147,6 +4182,19 @@ def _reread(
     raise SourceChanged(f"{ref.uri}: read again up to byte {offset}, expected {end}")
 
 
+def refuse_unverifiable(event: TransferEvent, src: ObjectInfo) -> None:
+    """--require-checksum: an event whose bytes nothing but this worker's reading would vouch
+    for is dead-lettered before an upload is opened, so no destination object ever exists
+    unverified. The same digests as _verify checks: the event's, and the source's own."""
+    if event.checksum_sha256 or any(name in DIGESTS for name in src.checksums):
+        return
+    raise PermanentError(
+        f"nothing can verify {event.source.uri}: the event has no checksumSHA256 and the source "
+        "publishes no whole-object SHA-256, MD5 or CRC32C (--require-checksum)",
+        reason=UNVERIFIABLE,
+    )
+
+
 # Refused commits in a row within one attempt before it counts as failed: each refusal means
 # another writer committed to the key meanwhile, so this only guards against a livelock.
 MAX_REPLANS = 8
@@ -4176,9 +4224,11 @@ class TransferEngine:
         clock_skew: float = DEFAULT_CLOCK_SKEW,
         clock: Callable[[], float] = time.time,
         options: WriteOptions | None = None,
+        require_checksum: bool = False,
     ) -> None:
         self.stores = stores
         self.overwrite = overwrite
+        self.require_checksum = require_checksum
         self.clock_skew, self.clock = clock_skew, clock
         self.options = options or WriteOptions()  # a route will choose them per event
 
@@ -4196,6 +4246,8 @@ class TransferEngine:
             skip = plan_skip(event, plan.dst, plan.sha256, self.overwrite, latest=latest)
             if skip:
                 return TransferResult("skipped", sha256=plan.sha256, reason=skip)
+            if self.require_checksum:
+                refuse_unverifiable(event, plan.src)
             if plan.sha256 is None and plan.src.size > dst.late_metadata_limit:
                 plan.sha256 = hash_source(src, event.source, plan.src, on_progress=on_progress)
             try:
@@ -4250,11 +4302,13 @@ class TransferEngine:
         )
         try:
             digests = self._pump(src, event.source, plan.src, upload, on_progress)
-            self._verify(event, plan.src, plan.sha256, digests)
+            against = self._verify(event, plan.src, plan.sha256, digests)
             plan.sha256 = sha256 = digests["sha256"]  # a re-plan after a refusal knows it
             if self.overwrite == "different" and same_content(plan.dst, sha256, event):
                 upload.abort()
-                return TransferResult("skipped", sha256=sha256, reason="same_content")
+                return TransferResult(
+                    "skipped", sha256=sha256, reason="same_content", verified_against=against
+                )
             resend = functools.partial(resend_lost, src, event.source, plan.src, upload)
             while True:  # each ResumeFrom is bounded by the upload
                 try:
@@ -4265,7 +4319,9 @@ class TransferEngine:
         except BaseException:
             upload.abort()
             raise
-        return TransferResult("success", bytes_transferred=plan.src.size, sha256=sha256)
+        return TransferResult(
+            "success", bytes_transferred=plan.src.size, sha256=sha256, verified_against=against
+        )
 
     def abort_stale_uploads(self, event: TransferEvent) -> int:
         """Uploads to the event's destination that no attempt will finish (the store's port)."""
@@ -4309,23 +4365,32 @@ class TransferEngine:
     @staticmethod
     def _verify(
         event: TransferEvent, info: ObjectInfo, expected: str | None, actual: Mapping[str, str]
-    ) -> None:
+    ) -> str:
         """The source's own digests describe the stored bytes, so they are checked first: a
         mismatch there means the bytes were damaged on the way, which another attempt can fix.
         Only bytes that agree with them (or a source that publishes none) are then held to the
-        producer's promise, the event's checksum: a mismatch there is permanent."""
+        producer's promise, the event's checksum: a mismatch there is permanent. Returns the
+        strongest check passed. ``expected`` may be the worker's own earlier reading (a pre-read
+        for a large object, a re-plan): agreeing with it verifies nothing, so it is not named."""
+        checked = []
         for name, value in info.checksums.items():
-            if name in actual and actual[name] != value:
+            if name not in actual:
+                continue
+            if actual[name] != value:
                 raise RetryableError(
                     f"{name} of {event.source.uri} read as {actual[name]}, the "
                     f"source publishes {value}",
                     reason=DAMAGED,
                 )
+            checked.append(f"source_{name}")
         if expected and actual["sha256"] != expected:
             raise PermanentError(
                 f"SHA-256 of {event.source.uri} is {actual['sha256']}, expected {expected}",
                 reason="checksum_mismatch",
             )
+        if event.checksum_sha256 and actual["sha256"] == event.checksum_sha256:
+            checked.append("event_sha256")
+        return next((name for name in VERIFIED_AGAINST if name in checked), NOT_VERIFIED)
 
 
 # =================================================================================================
@@ -4333,6 +4398,8 @@ class TransferEngine:
 # =================================================================================================
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600)
+# An event's age reaches past any queue wait: a replay, a producer that batches (up to a week).
+EVENT_AGE_BUCKETS = (*DURATION_BUCKETS, 1800, 3600, 6 * 3600, 86400, 7 * 86400)
 PAIR = ("source_provider", "destination_provider")
 
 
@@ -4372,8 +4439,23 @@ class Metrics:
             registry=reg,
         )
         self.in_flight = Gauge("transfers_in_flight", "Transfers running now", registry=reg)
+        self.verified = Counter(
+            "transfer_verified",
+            "Transfers committed, by the strongest check their bytes passed (none: unchecked)",
+            (*PAIR, "against"),
+            registry=reg,
+        )
         self.queue_lag = Histogram(
-            "queue_lag_seconds", "Event age when received", buckets=DURATION_BUCKETS, registry=reg
+            "queue_lag_seconds",
+            "Time from the queue taking a message (its send or publish time) to its receipt",
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.event_age = Histogram(
+            "event_age_seconds",
+            "Age of an event (from its timestamp) when received",
+            buckets=EVENT_AGE_BUCKETS,
+            registry=reg,
         )
         self.ready = Gauge("worker_ready", "1 when /ready answers 200", registry=reg)
         self.queue_errors = Counter(
@@ -5116,9 +5198,7 @@ class Worker:
                 source=event.source.uri,
                 destination=event.destination.uri,
             )
-            self.metrics.queue_lag.observe(
-                max(0.0, message.received_at - event.timestamp.timestamp())
-            )
+            self._observe_age(message, event)
             self._check_allowed(event)
             result = self._transfer_with_retries(event, message, attempts, log)
         except LeaseLost:
@@ -5134,6 +5214,14 @@ class Worker:
             self._dead_letter(message, event, error, attempts=attempts[0], started=started, log=log)
         else:
             self._complete(message, event, result, started, log)
+
+    def _observe_age(self, message: Message, event: TransferEvent) -> None:
+        """Queue lag from the queue's own clock (a replayed old event has not waited in it for
+        years); the producer's timestamp gives the event's age, a histogram of its own."""
+        if message.sent_at is not None:
+            self.metrics.queue_lag.observe(max(0.0, message.received_at - message.sent_at))
+        age = message.received_at - event.timestamp.timestamp()
+        self.metrics.event_age.observe(max(0.0, age))
 
     def _check_allowed(self, event: TransferEvent) -> None:
         allowed = self.config.allowlist
@@ -5235,23 +5323,35 @@ class Worker:
         duration = self.clock() - started
         self.metrics.duration.labels(*labels, result.outcome).observe(duration)
         if result.outcome == "skipped":
-            self.metrics.skipped.labels(*labels, result.reason).inc()
-            log.info(
-                "Transfer skipped",
-                outcome="skipped",
-                reason=result.reason,
-                duration_seconds=round(duration, 3),
-                bytes_transferred=0,
-            )
+            self._skipped(labels, result, duration, log)
             return
         self.metrics.success.labels(*labels).inc()
         self.metrics.bytes.labels(*labels).inc(result.bytes_transferred)
+        against = result.verified_against or NOT_VERIFIED
+        self.metrics.verified.labels(*labels, against).inc()
         log.info(
             "Transfer completed successfully",
             outcome="success",
             sha256=result.sha256,
+            verified_against=against,
             duration_seconds=round(duration, 3),
             bytes_transferred=result.bytes_transferred,
+        )
+
+    def _skipped(
+        self, labels: tuple[str, str], result: TransferResult, duration: float, log: Any
+    ) -> None:
+        self.metrics.skipped.labels(*labels, result.reason).inc()
+        # Only a skip that read the bytes (same_content found after streaming) names a check;
+        # one decided from the plan read none.
+        checked = result.verified_against
+        log.info(
+            "Transfer skipped",
+            outcome="skipped",
+            reason=result.reason,
+            duration_seconds=round(duration, 3),
+            bytes_transferred=0,
+            **({} if checked is None else {"verified_against": checked}),
         )
 
     def _dead_letter(
@@ -5482,6 +5582,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] =
         env = ENV_PREFIX + field.name.upper()
         kind = type(field.default)
         choices = field.metadata.get("choices")
+        # A switch ("on"/"off") may stand alone: --require-checksum is --require-checksum on.
+        alone = (
+            {"nargs": "?", "const": field.metadata["const"]} if "const" in field.metadata else {}
+        )
         group.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
@@ -5490,6 +5594,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] =
             metavar=None if choices else METAVARS.get(field.name, "N"),
             choices=choices,
             help=_setting_help(field, env),
+            **alone,
         )
 
 
@@ -5804,6 +5909,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
             overwrite=config.overwrite,
             clock_skew=config.clock_skew,
             options=WriteOptions.from_config(config),
+            require_checksum=config.require_checksum == "on",
         ),
         metrics,
         log,
