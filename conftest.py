@@ -12,41 +12,16 @@ Env helpers (function scoped, monkeypatch, so subprocess CLIs inherit them): ``a
 A server whose tool is missing SKIPS its tests with the reason, except with CI=true where the
 same reason FAILS them (a CI image that silently skips integration tests proves nothing).
 
-Pub/Sub emulator workaround (chosen: a shim class on the classpath, emulator started with java
-directly instead of through gcloud):
-  The emulator jar shipped with the Google Cloud CLI (cloud-pubsub-emulator-0.8.20-all.jar)
-  bundles io.grpc.internal.ServerImpl/ServerCallImpl from a newer grpc-java than its
-  io.grpc.InternalStatus. When a client cancels a StreamingPull (RST_STREAM) the server calls
-  InternalStatus.asRuntimeException(Status, Metadata, boolean), which that InternalStatus lacks:
-  NoSuchMethodError, the server never closes its side of the stream, keeps treating the dead
-  stream as a live subscriber and keeps handing it messages. Observed with the unpatched jar:
-  a message published after the cancel was never delivered to a new subscriber of the same
-  subscription (not within 45 s, not by a synchronous pull either). Worker restarts, scale-in
-  and every test that stops a subscriber hit this.
-  Fix: tests/pubsub_emulator_fix/src/io/grpc/InternalStatus.java re-declares the bundled class
-  (MESSAGE_KEY, CODE_KEY, asRuntimeExceptionWithoutStacktrace) and adds the missing method using
-  the constructors this grpc version has (StatusRuntimeException(Status, Metadata) and the
-  package-private InternalStatusRuntimeException(Status, Metadata), which is upstream's
-  "no stack trace" variant). The fixture compiles it with javac (--release 8, against the jar)
-  into tests/pubsub_emulator_fix/build/ (cached, keyed by source and jar) and puts it AHEAD of
-  the jar on the classpath. gcloud's launcher (platform/pubsub-emulator/bin/cloud-pubsub-emulator)
-  runs ``java -jar``, which ignores -cp/CLASSPATH, so the fixture runs the jar's Main-Class
-  (com.google.cloud.pubsub.testing.v1.Main --host --port) itself; gcloud is only used to locate
-  the jar. Patching the class in place (rewriting the jar) was rejected: it modifies the system
-  SDK; -Xbootclasspath/a was rejected: the boot loader cannot see io.grpc.Status in the jar.
-  The shim is applied only when the jar's own InternalStatus lacks the method, so a fixed SDK
-  runs unmodified. TW_PUBSUB_EMULATOR_UNPATCHED=1 starts the unpatched emulator through
-  ``gcloud beta emulators pubsub start`` to reproduce the defect (test_pubsub_cancel_... fails).
-  PUBSUB_EMULATOR_JAR overrides the jar location.
+Pub/Sub emulator: started by tools/pubsub_emulator.py (``make pubsub-emulator`` for a user), which
+patches the Google Cloud CLI's emulator jar so that it does not lose messages after a cancelled
+streaming pull (its docstring says why and how). TW_PUBSUB_EMULATOR_UNPATCHED=1 starts the
+unpatched emulator through gcloud to reproduce the defect (test_pubsub_cancel_... fails).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -54,13 +29,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from tools import pubsub_emulator as pubsub_emulator_tool
 
 T = TypeVar("T")
 
@@ -70,14 +46,7 @@ AWS_REGION = "us-east-1"
 
 MOTO_START_TIMEOUT = 30.0
 GCS_START_TIMEOUT = 30.0
-PUBSUB_START_TIMEOUT = 90.0  # JVM start on a loaded 2-core CI runner; typically 2-4 s
-JAVAC_TIMEOUT = 180.0
 PUBSUB_ADMIN_TIMEOUT = 30.0  # per admin RPC (create/delete topic/subscription)
-
-_HERE = Path(__file__).resolve().parent
-PUBSUB_FIX_DIR = _HERE / "tests" / "pubsub_emulator_fix"
-PUBSUB_FIX_SOURCE = PUBSUB_FIX_DIR / "src" / "io" / "grpc" / "InternalStatus.java"
-PUBSUB_FIX_BUILD = PUBSUB_FIX_DIR / "build"  # gitignored compile cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,222 +377,31 @@ def fake_gcs_env(fake_gcs_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _PubsubTools:
-    java: str
-    jar: Path
-    javac: str | None
-    gcloud: str | None
-
-
-def _find_pubsub_jar(gcloud: str | None) -> Path | None:
-    override = os.environ.get("PUBSUB_EMULATOR_JAR")
-    if override:
-        return Path(override) if Path(override).is_file() else None
-    if not gcloud:
-        return None
-    sdk_root = Path(os.path.realpath(gcloud)).parent.parent  # <sdk>/bin/gcloud
-    jars = sorted((sdk_root / "platform" / "pubsub-emulator" / "lib").glob("*pubsub-emulator*.jar"))
-    return jars[-1] if jars else None
-
-
-def _pubsub_tools() -> _PubsubTools:
-    gcloud = shutil.which("gcloud")
-    java = shutil.which("java")
-    jar = _find_pubsub_jar(gcloud)
-    if java is None:
-        _unavailable("Pub/Sub emulator needs Java: no 'java' on PATH")
-    if jar is None:
-        _unavailable(
-            "Pub/Sub emulator jar not found: install the Google Cloud CLI component "
-            "'pubsub-emulator' (gcloud on PATH) or set PUBSUB_EMULATOR_JAR"
-        )
-    assert java is not None and jar is not None
-    return _PubsubTools(java=java, jar=jar, javac=shutil.which("javac"), gcloud=gcloud)
-
-
-def _jar_main_class(jar: Path) -> str:
-    with zipfile.ZipFile(jar) as zf:
-        manifest = zf.read("META-INF/MANIFEST.MF").decode("utf-8", "replace")
-    for line in manifest.splitlines():
-        if line.startswith("Main-Class:"):
-            return line.split(":", 1)[1].strip()
-    return "com.google.cloud.pubsub.testing.v1.Main"
-
-
-def _jar_needs_fix(jar: Path) -> bool:
-    """True when the jar's io.grpc.InternalStatus lacks asRuntimeException(...)."""
-    with zipfile.ZipFile(jar) as zf:
+def _start_pubsub_emulator(log_dir: Path, unpatched: bool) -> pubsub_emulator_tool.Emulator:
+    """The emulator on a free port (taken meanwhile by another process? 3 tries)."""
+    last_error = "not started"
+    for attempt in range(3):
+        log_path = log_dir / f"emulator-{attempt}.log"
         try:
-            data = zf.read("io/grpc/InternalStatus.class")
-        except KeyError:
-            return False
-    name = b"asRuntimeException"
-    # A CONSTANT_Utf8 entry is tag 0x01 + u2 length + bytes: match the exact method name only.
-    return b"\x01" + len(name).to_bytes(2, "big") + name not in data
-
-
-def _build_pubsub_fix(tools: _PubsubTools) -> Path:
-    """Compile the InternalStatus shim once per (source, jar); returns the classes dir."""
-    if tools.javac is None:
-        _unavailable(
-            "Pub/Sub emulator fix needs a JDK: no 'javac' on PATH (the 0.8.20 emulator jar "
-            "loses messages after a cancelled streaming pull without it)"
-        )
-    assert tools.javac is not None
-    stat = tools.jar.stat()
-    key = hashlib.sha256(
-        PUBSUB_FIX_SOURCE.read_bytes()
-        + f"{tools.jar.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
-    ).hexdigest()[:16]
-    out = PUBSUB_FIX_BUILD / key
-    if (out / "io" / "grpc" / "InternalStatus.class").is_file():
-        return out
-    PUBSUB_FIX_BUILD.mkdir(parents=True, exist_ok=True)
-    tmp = PUBSUB_FIX_BUILD / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir()
-    try:
-        proc = subprocess.run(
-            [
-                tools.javac,
-                "--release",
-                "8",
-                "-nowarn",
-                "-Xlint:-options",
-                "-cp",
-                str(tools.jar),
-                "-d",
-                str(tmp),
-                str(PUBSUB_FIX_SOURCE),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=JAVAC_TIMEOUT,
-            check=False,
-        )
-        if proc.returncode != 0:
-            pytest.fail(
-                f"javac failed on {PUBSUB_FIX_SOURCE}:\n{proc.stdout}{proc.stderr}", pytrace=False
-            )
-        try:
-            tmp.rename(out)  # atomic publish; a concurrent builder may have won the race
-        except OSError:
-            if not (out / "io" / "grpc" / "InternalStatus.class").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM the whole process group (gcloud -> java), then SIGKILL if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=timeout)
-            # The leader may be gone while a child lingers: make sure the group is empty.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _bind_failed(log_path: Path) -> bool:
-    try:
-        text = log_path.read_text(errors="replace")
-    except OSError:
-        return False
-    return "Address already in use" in text or "BindException" in text
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
+            return pubsub_emulator_tool.start(free_port(), log_path=log_path, unpatched=unpatched)
+        except pubsub_emulator_tool.Unavailable as exc:
+            _unavailable(str(exc))
+        except pubsub_emulator_tool.PortTaken as exc:
+            last_error = str(exc)
+        except pubsub_emulator_tool.StartFailed as exc:
+            pytest.fail(f"Pub/Sub emulator did not start: {exc}", pytrace=False)
+    pytest.fail(f"Pub/Sub emulator did not start (3 ports tried): {last_error}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Cloud Pub/Sub emulator on 127.0.0.1:<free port>; yields "127.0.0.1:PORT"."""
-    tools = _pubsub_tools()
     unpatched = os.environ.get("TW_PUBSUB_EMULATOR_UNPATCHED", "") == "1"
-    if unpatched and tools.gcloud is None:
-        _unavailable("TW_PUBSUB_EMULATOR_UNPATCHED=1 needs gcloud on PATH")
-    fix_dir = None if unpatched or not _jar_needs_fix(tools.jar) else _build_pubsub_fix(tools)
-    log_dir = tmp_path_factory.mktemp("pubsub-emulator")
-
-    last_error = "not started"
-    for attempt in range(3):  # the port from free_port() may be taken meanwhile: retry
-        port = free_port()
-        if unpatched:
-            assert tools.gcloud is not None
-            cmd = [
-                tools.gcloud,
-                "beta",
-                "emulators",
-                "pubsub",
-                "start",
-                f"--host-port={HOST}:{port}",
-                f"--project={GCP_PROJECT}",
-                "--quiet",
-            ]
-        else:
-            classpath = os.pathsep.join([*([str(fix_dir)] if fix_dir else []), str(tools.jar)])
-            cmd = [
-                tools.java,
-                "-XX:+UseSerialGC",
-                "-XX:TieredStopAtLevel=1",
-                "-cp",
-                classpath,
-                _jar_main_class(tools.jar),
-                f"--host={HOST}",
-                f"--port={port}",
-            ]
-        log_path = log_dir / f"emulator-{attempt}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: killpg() reaches gcloud's java
-            )
-
-        def state(
-            proc: subprocess.Popen[bytes] = proc, port: int = port, log_path: Path = log_path
-        ) -> str:
-            if proc.poll() is not None:
-                return "exited"
-            if _bind_failed(log_path):  # the emulator logs BindException and stays alive
-                return "bind-failed"
-            if _port_open(port) and _http_status(f"http://{HOST}:{port}/") == 200:
-                return "up"
-            return ""
-
-        try:
-            outcome = wait_for(
-                state, PUBSUB_START_TIMEOUT, interval=0.1, message=f"Pub/Sub emulator on {port}"
-            )
-        except TimeoutError as exc:
-            outcome, last_error = "timeout", str(exc)
-        if outcome == "up" and not _bind_failed(log_path):
-            break
-        exit_code = proc.poll()
-        _stop_process_group(proc)
-        if outcome != "timeout":
-            last_error = f"emulator {outcome or 'bind-failed'} (exit code {exit_code})"
-        last_error += f"\n--- {' '.join(cmd)}\n{_log_tail(log_path)}"
-        if not _bind_failed(log_path):
-            pytest.fail(f"Pub/Sub emulator did not start: {last_error}", pytrace=False)
-    else:
-        pytest.fail(f"Pub/Sub emulator did not start (3 ports tried): {last_error}", pytrace=False)
+    emulator = _start_pubsub_emulator(tmp_path_factory.mktemp("pubsub-emulator"), unpatched)
     try:
-        yield f"{HOST}:{port}"
+        yield emulator.host_port
     finally:
-        _stop_process_group(proc)
+        emulator.stop()
 
 
 @pytest.fixture
