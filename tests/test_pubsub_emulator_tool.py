@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GCP_PROJECT, _unavailable, free_port, wait_for
+from tests.conftest import GCP_PROJECT, _unavailable, free_port, wait_for
 from tools import pubsub_emulator as tool
 
 ROOT = Path(tool.__file__).resolve().parent.parent

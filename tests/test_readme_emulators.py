@@ -11,7 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import _unavailable, wait_for
+from tests.conftest import _unavailable, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADING = "### The emulators by hand"

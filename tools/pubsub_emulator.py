@@ -6,7 +6,7 @@
 starts the emulator on 127.0.0.1:PORT, waits until it answers, prints the line to paste into the
 worker's shell (``export PUBSUB_EMULATOR_HOST=127.0.0.1:PORT``) and runs until SIGTERM, SIGINT
 (Ctrl-C) or SIGHUP, which stop the emulator and its java process. The tests' Pub/Sub fixture
-(conftest.py) starts the emulator with this same module. Standard library only.
+(tests/conftest.py) starts the emulator with this same module. Standard library only.
 
 Why a patch: the emulator jar shipped with the Google Cloud CLI
 (cloud-pubsub-emulator-0.8.20-all.jar) bundles io.grpc.internal.ServerImpl/ServerCallImpl from a

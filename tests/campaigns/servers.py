@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import conftest as ct
+from tests import conftest as ct
 from tools import pubsub_emulator
 
 HOST = ct.HOST
