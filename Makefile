@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 UV     := $(BIN)/uv
 
-.PHONY: run test install install-dev lint lock bench campaigns-small campaigns-ci campaigns-full clean
+.PHONY: run test pubsub-emulator install install-dev lint lock bench campaigns-small campaigns-ci campaigns-full clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ run: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# The Pub/Sub emulator as the tests run it, patched so that it keeps delivering after a subscriber
+# stops (tools/pubsub_emulator.py says why). Ctrl-C stops it and its java process.
+PORT ?= 8085
+pubsub-emulator: | $(BIN)/python
+	$(BIN)/python tools/pubsub_emulator.py --port $(PORT)
 
 lint: install-dev
 	$(BIN)/ruff check .

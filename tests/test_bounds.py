@@ -487,7 +487,7 @@ def test_two_live_uploads_of_one_key_do_not_abort_each_other(aws_env: str):
     test_only_uploads_idle_past... covers a part-less one)."""
     import boto3
 
-    from conftest import wait_for
+    from tests.conftest import wait_for
 
     s3 = boto3.client("s3")
     bucket = f"two-{uuid.uuid4().hex[:10]}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import transfer_worker as tw
-from conftest import AWS_REGION
+from tests.conftest import AWS_REGION
 from tests.installed import ROOT, install_worker
 
 EXAMPLE = ROOT / "examples" / "event.json"

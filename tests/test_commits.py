@@ -372,7 +372,7 @@ def test_preconditions_travel_on_the_wire(
     exist carries the condition on what the plan saw, including where the emulator would not
     enforce it (moto: If-Match on CompleteMultipartUpload; the bundled fake-gcs-server: a
     resumable session's condition at finalisation)."""
-    from test_cloud import FaultProxy
+    from tests.test_cloud import FaultProxy
 
     upstream = request.getfixturevalue("aws_env" if provider == "aws_s3" else "fake_gcs_env")
     side = s3_side() if provider == "aws_s3" else gcs_side()

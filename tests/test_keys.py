@@ -22,7 +22,7 @@ import pytest
 import requests
 
 import transfer_worker as tw
-from test_cloud import Buckets, SQSChannel, WorkerProcess
+from tests.test_cloud import Buckets, SQSChannel, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "transfer_worker.py")

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-from test_cloud import Buckets, SQSChannel, WorkerProcess
 from tests.faultproxy import FaultProxy
+from tests.test_cloud import Buckets, SQSChannel, WorkerProcess
 from tests.test_keys import PART, decoded, event, local_dead_letters, run_local, submit
 
 pytestmark = pytest.mark.timeout(240)

@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-from conftest import Clock, free_port, wait_for
+from conftest import Clock
+from tests.conftest import free_port, wait_for
 from tests.faultproxy import FaultProxy
 
 HERE = Path(__file__).resolve().parent.parent

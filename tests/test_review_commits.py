@@ -590,7 +590,7 @@ def answering_proxy(
     """test_cloud's relay, answering the ``nth`` request of ``method`` whose path contains
     ``part`` with ``status`` and ``payload`` (what the service would say) instead of forwarding
     it."""
-    from test_cloud import FaultProxy
+    from tests.test_cloud import FaultProxy
 
     class Answering(FaultProxy):
         def _handler(self) -> Any:
@@ -740,7 +740,7 @@ def dropping_proxy(upstream: str, method: str, part: str) -> Any:
     import socket
     import urllib.parse
 
-    from test_cloud import FaultProxy
+    from tests.test_cloud import FaultProxy
 
     target = urllib.parse.urlsplit(upstream)
 

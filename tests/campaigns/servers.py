@@ -1,24 +1,22 @@
 """The protocol servers the cloud campaigns need, outside pytest: moto (S3 + SQS), the
 gcp-storage-emulator and the Cloud Pub/Sub emulator, all on 127.0.0.1, every start bounded.
 
-The helpers of /work/main/conftest.py are reused (free ports, bounded waits, the GCS start with
-retries, and the Pub/Sub emulator's jar lookup + the compiled InternalStatus shim that works around
-the emulator's streaming-pull-cancel defect); only the process management is repeated here because
-conftest starts the Pub/Sub emulator inside a pytest fixture."""
+The helpers of conftest.py are reused (free ports, bounded waits, the GCS start with retries) and
+the Pub/Sub emulator is tools/pubsub_emulator.py's, patched against its streaming-pull-cancel
+defect, as in the tests and for a user."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import conftest as ct
+from tests import conftest as ct
+from tools import pubsub_emulator
 
 HOST = ct.HOST
 PROJECT = ct.GCP_PROJECT
@@ -62,55 +60,18 @@ def gcs() -> Iterator[str]:
 
 @contextlib.contextmanager
 def pubsub() -> Iterator[str]:
-    """The patched Pub/Sub emulator (see conftest's docstring); yields "127.0.0.1:PORT"."""
-    tools = ct._pubsub_tools()
-    fix_dir = ct._build_pubsub_fix(tools) if ct._jar_needs_fix(tools.jar) else None
-    classpath = os.pathsep.join([*([str(fix_dir)] if fix_dir else []), str(tools.jar)])
+    """The patched Pub/Sub emulator (tools/pubsub_emulator.py); yields "127.0.0.1:PORT"."""
     log_dir = Path(tempfile.mkdtemp(prefix="tw-pubsub-"))
-    proc = None
-    for attempt in range(3):
-        port = ct.free_port()
-        log_path = log_dir / f"emulator-{attempt}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [
-                    tools.java,
-                    "-XX:+UseSerialGC",
-                    "-XX:TieredStopAtLevel=1",
-                    "-cp",
-                    classpath,
-                    ct._jar_main_class(tools.jar),
-                    f"--host={HOST}",
-                    f"--port={port}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-        def up(proc: Any = proc, port: int = port, log_path: Path = log_path) -> str:
-            if proc.poll() is not None or ct._bind_failed(log_path):
-                return "failed"
-            return (
-                "up"
-                if ct._port_open(port) and ct._http_status(f"http://{HOST}:{port}/") == 200
-                else ""
-            )
-
-        if (
-            ct.wait_for(up, ct.PUBSUB_START_TIMEOUT, interval=0.1, message="Pub/Sub emulator")
-            == "up"
-        ):
+    for attempt in range(3):  # the free port may be taken meanwhile
+        with contextlib.suppress(pubsub_emulator.PortTaken):
+            emulator = pubsub_emulator.start(ct.free_port(), log_path=log_dir / f"{attempt}.log")
             break
-        ct._stop_process_group(proc)
-        proc = None
-    if proc is None:
+    else:
         raise RuntimeError(f"Pub/Sub emulator did not start; logs in {log_dir}")
     try:
-        yield f"{HOST}:{port}"
+        yield emulator.host_port
     finally:
-        ct._stop_process_group(proc)
+        emulator.stop()
 
 
 def aws_env(moto_url: str, s3_endpoint: str | None = None) -> dict[str, str]:

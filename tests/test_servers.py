@@ -1,6 +1,6 @@
-"""Smoke tests: each server fixture in conftest.py really serves its protocol.
+"""Smoke tests: each server fixture in tests/conftest.py really serves its protocol.
 
-Run: .venv/bin/python -m pytest test_servers.py -v -p no:cacheprovider   (and with CI=true)
+Run: .venv/bin/python -m pytest tests/test_servers.py -v -p no:cacheprovider   (and with CI=true)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import GCP_PROJECT, PubsubResources, ci_strict, free_port, wait_for
+from tests.conftest import GCP_PROJECT, PubsubResources, ci_strict, free_port, wait_for
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -51,7 +51,7 @@ def test_free_port_and_wait_for_are_bounded() -> None:
 
 
 def test_missing_tool_skips_locally_and_fails_on_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    import conftest
+    from tests import conftest
 
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="no widget"):

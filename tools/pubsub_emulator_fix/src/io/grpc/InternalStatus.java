@@ -1,5 +1,5 @@
 /*
- * Test-only shim for the Cloud Pub/Sub emulator 0.8.20 jar
+ * Shim for the Cloud Pub/Sub emulator 0.8.20 jar
  * (platform/pubsub-emulator/lib/cloud-pubsub-emulator-0.8.20-all.jar).
  *
  * The jar bundles io.grpc.internal.ServerImpl / ServerCallImpl from a newer grpc-java that call
@@ -17,7 +17,8 @@
  * package-private InternalStatusRuntimeException(Status, Metadata), which suppresses the stack
  * trace exactly as upstream's fillInStackTrace=false does.
  *
- * Compiled by conftest.py (javac --release 8 against the jar) into tests/pubsub_emulator_fix/build/.
+ * Compiled by tools/pubsub_emulator.py (javac --release 8 against the jar) into
+ * tools/pubsub_emulator_fix/build/.
  */
 package io.grpc;
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from conftest import wait_for
+from tests.conftest import wait_for
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root
 PYTHON = sys.executable
 MiB = 1024 * 1024
 PART = 8 * MiB
@@ -37,7 +37,7 @@ LARGE = 40 * MiB + 12345  # five parts, the last one short
 pytestmark = pytest.mark.timeout(240)
 
 
-# -- servers: conftest.py (moto_server, gcs_emulator, pubsub_emulator and their *_env) ----------
+# -- servers: tests/conftest.py (moto_server, gcs_emulator, pubsub_emulator and their *_env) ----
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:

@@ -172,9 +172,7 @@ def test_traversal_and_control_character_keys_are_rejected(tmp_path: Path, side:
         expected = {"invalid_key"} if key in TRAVERSAL_KEYS else {"invalid_key", "invalid_event"}
         assert envelope["reason"] in expected, (key, envelope)
     created = {p for p in files_under(tmp_path) - before if "/.tmp" not in p}
-    assert all(p.startswith("root/") and p.endswith(ROOT_FILES) for p in created), (
-        created
-    )
+    assert all(p.startswith("root/") and p.endswith(ROOT_FILES) for p in created), created
     assert not (root / "gcp_gcs" / "dst-bucket" / "from-bad-source").exists()
     assert b"Unexpected error" not in result.stdout
 

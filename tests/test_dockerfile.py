@@ -30,7 +30,7 @@ import pytest
 
 from tests.installed import PACKAGE_FILES, install_worker
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 UID_GID = "1001"

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         "python-hcl2 is not installed (pip install python-hcl2==8.1.4)", allow_module_level=True
     )
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 TF = ROOT / "terraform"
 CHECK_SCRIPT = ROOT / ".ci" / "check-terraform"
 
