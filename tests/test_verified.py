@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import transfer_worker as tw
-from conftest import free_port, wait_for
+from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
