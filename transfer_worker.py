@@ -2089,6 +2089,7 @@ AWS_TRANSIENT = {
     "XAmzContentSHA256Mismatch": DAMAGED,
     "ExpiredToken": CREDENTIALS,  # expired under a long transfer; refreshed on the next attempt
     "ExpiredTokenException": CREDENTIALS,
+    "TokenRefreshRequired": CREDENTIALS,  # S3 400 "the provided token must be refreshed"
     "RequestExpired": CREDENTIALS,
     "InternalError": UNAVAILABLE,  # S3 sometimes sends these with a 200
     "ServiceUnavailable": UNAVAILABLE,
@@ -3568,6 +3569,7 @@ class SQSQueue:
         self.client = client or CloudClients(config).sqs(self.url)
         self._held: dict[str, str] = {}  # message id -> receipt handle, received and unsettled
         self._lock = threading.Lock()
+        self._published: set[str] = set()  # receipts whose dead-letter envelope was sent
 
     def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
         with _translated(aws_error, "queue"):
@@ -3592,7 +3594,10 @@ class SQSQueue:
         carried = item.get("MessageAttributes", {})
 
         def count(name: str) -> int:
-            return int(carried.get(name, {}).get("StringValue") or 0)
+            # Anyone who can send may set these (a Number may be "1.5"): a value that is not a
+            # count is ignored, since raising here, after SQS hid the whole batch, blocked it.
+            text = str(carried.get(name, {}).get("StringValue") or "0").strip()
+            return int(text) if text.isascii() and text.isdigit() else 0
 
         return Message(
             body=item["Body"].encode("utf-8"),
@@ -3658,8 +3663,13 @@ class SQSQueue:
             )
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
-        self.target.publish(json.dumps(envelope).encode("utf-8"))
+        # The worker retries dead_letter() as a whole while the delete fails: the envelope goes
+        # out once per delivery, or each retry added another dead letter (review finding 3).
+        if message.handle not in self._published:
+            self.target.publish(json.dumps(envelope).encode("utf-8"))
+            self._published.add(message.handle)
         self.ack(message)
+        self._published.discard(message.handle)
 
     def check(self) -> None:
         with _translated(aws_error, "queue"):
