@@ -4677,6 +4677,13 @@ def _labels(event: TransferEvent | None) -> tuple[str, str]:
     return (event.source.provider, event.destination.provider)
 
 
+def _delivery(message: Message) -> int:
+    """The key of one delivery in the worker's bookkeeping while it is in flight. Not the
+    message id: a redelivery of the same message to this worker while the first delivery, whose
+    lease was lost, still winds down shares it, and was stopped as lost too (review finding 4)."""
+    return id(message)
+
+
 class LeaseLost(Exception):
     """Raised into a transfer whose message's lease is gone: another worker may own the message
     now, so this one stops at its next chunk (the engine aborts the upload) rather than race the
@@ -4892,10 +4899,10 @@ class Worker:
         self._in_flight: dict[int, Message] = {}
         self._in_flight_lock = threading.Condition()
         self._stop_requested_at: float | None = None
-        self._cancelled: set[str] = set()  # message ids handed back by the drain
-        self._lost: set[str] = set()  # message ids whose lease the heartbeat saw lost
-        self._failed: set[str] = set()  # message ids whose delivery had a failed attempt
-        self._released: set[str] = set()  # message ids handed back (once each)
+        self._cancelled: set[int] = set()  # deliveries (_delivery) handed back by the drain
+        self._lost: set[int] = set()  # deliveries whose lease the heartbeat saw lost
+        self._failed: set[int] = set()  # deliveries that had a failed attempt
+        self._released: set[int] = set()  # deliveries handed back (once each)
         self.outage = QueueOutage(log, metrics, readiness)
         self.heartbeat: Heartbeat | None = None
         self._work: queue_module.SimpleQueue[tuple[int, Message] | None] = (
@@ -4994,7 +5001,7 @@ class Worker:
         """What the heartbeat keeps hidden: in flight and not handed back (an extension would
         hide a handed-back message again while its transfer winds down)."""
         with self._in_flight_lock:
-            return [m for m in self._in_flight.values() if m.message_id not in self._released]
+            return [m for m in self._in_flight.values() if _delivery(m) not in self._released]
 
     def _wait_for_free_slot(self) -> int:
         with self._in_flight_lock:
@@ -5040,8 +5047,8 @@ class Worker:
             self.metrics.in_flight.dec()
             with self._in_flight_lock:
                 self._in_flight.pop(slot, None)
-                for ids in (self._lost, self._failed, self._released):
-                    ids.discard(message.message_id)
+                for ids in (self._lost, self._failed, self._released, self._cancelled):
+                    ids.discard(_delivery(message))
                 self._in_flight_lock.notify_all()
 
     def _drain(self) -> None:
@@ -5057,7 +5064,7 @@ class Worker:
             )
             left = list(self._in_flight.values())
         for message in left:
-            self._cancelled.add(message.message_id)
+            self._cancelled.add(_delivery(message))
             self._hand_back(message)
         if left:
             self.log.warning(
@@ -5076,10 +5083,12 @@ class Worker:
         queue does not count as an attempt (ADR 11); after a failed attempt it is a plain retry,
         so that failure stays counted."""
         with self._in_flight_lock:
-            if message.message_id in self._released:
+            # A lost lease is not ours to hand back: on SQS the copy would duplicate a message
+            # another worker owns now (review finding 5).
+            if _delivery(message) in self._released or _delivery(message) in self._lost:
                 return
-            self._released.add(message.message_id)
-            failed = message.message_id in self._failed
+            self._released.add(_delivery(message))
+            failed = _delivery(message) in self._failed
         self.queue.stop_receiving()
         if failed:
             retry = functools.partial(self.queue.retry_later, message, 0)
@@ -5091,9 +5100,9 @@ class Worker:
     def _lose_lease(self, message: Message, why: str) -> None:
         """The heartbeat's ``on_lost``: the transfer stops at its next chunk."""
         with self._in_flight_lock:
-            if message.message_id in self._lost:
+            if _delivery(message) in self._lost:
                 return
-            self._lost.add(message.message_id)
+            self._lost.add(_delivery(message))
         self.log.warning(
             "Lease lost; stopping the transfer (another worker may own the message now)",
             message_id=message.message_id,
@@ -5101,9 +5110,9 @@ class Worker:
         )
 
     def _stop_if_handed_back(self, message: Message) -> None:
-        if message.message_id in self._lost:
+        if _delivery(message) in self._lost:
             raise LeaseLost()
-        if message.message_id in self._cancelled:
+        if _delivery(message) in self._cancelled:
             raise ShutdownRequested()
 
     # -- one message ------------------------------------------------------------------------------
@@ -5213,7 +5222,7 @@ class Worker:
         self, message: Message, event: TransferEvent, state: tenacity.RetryCallState, log: Any
     ) -> None:
         with self._in_flight_lock:
-            self._failed.add(message.message_id)
+            self._failed.add(_delivery(message))
         exc = state.outcome.exception() if state.outcome else None
         reason = getattr(exc, "reason", "transient")
         self.metrics.retries.labels(*_labels(event), reason).inc()

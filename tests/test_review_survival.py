@@ -169,3 +169,71 @@ def test_finding3_a_dead_letter_is_published_once_when_its_ack_is_retried(
     letters = drain_queue(client, dlq)
     assert [json.loads(m["Body"])["reason"] for m in letters] == ["invalid_event"]
     assert drain_queue(client, url) == []
+
+
+# -- finding 4: a second delivery of a message whose first one lost its lease ---------------------
+
+
+def test_finding4_a_redelivery_to_the_same_worker_is_not_stopped_by_the_lost_first_one(
+    tmp_path: Path,
+) -> None:
+    """After a queue outage longer than the visibility timeout the heartbeat marks the lease
+    lost; the queue returns and this same worker receives the message again while the first
+    transfer still winds down. The worker kept lost/handed-back state by message id, which both
+    deliveries share: the new, rightful delivery was stopped at once as 'lease lost', nothing
+    settled it, and the event waited another visibility timeout with one more counted attempt."""
+    import threading
+
+    from tests.test_queue_outage import Rig, gated_stores, submit
+
+    stores = gated_stores(tmp_path)
+    rig = Rig(tmp_path, stores=stores, visibility_timeout=30, concurrency=2)
+    data = os.urandom(300 * 1024)
+    submit(rig, data)
+    second = threading.Event()
+    calls: list[int] = []
+
+    def outage_past_the_lease() -> None:
+        calls.append(1)
+        if len(calls) > 1:  # the second delivery reached the gate: it was not stopped
+            second.set()
+            return
+        rig.clock.advance(31)
+        rig.queue.failures["extend"] = 1
+        assert rig.worker.heartbeat is not None
+        rig.worker.heartbeat.beat()  # unreachable, 31 s since the last extension: lost
+        stopped = lambda: second.is_set() or rig.logs("Transfer stopped")  # noqa: E731
+        import conftest
+
+        conftest.wait_for(stopped, 20, message="the second delivery")
+        stores["aws_s3"].gate.set()
+
+    stores["aws_s3"].at_gate = outage_past_the_lease
+    rig.worker.run(once=True)
+
+    assert rig.dead_letters() == []
+    assert copied(tmp_path, "in/data.bin") == data, rig.stream.getvalue()
+    assert rig.queue.depth() == 0  # the second delivery acknowledged it
+
+
+# -- finding 5: the drain handed back a delivery whose lease was lost ------------------------------
+
+
+def test_finding5_a_lost_lease_is_not_handed_back_as_a_copy(
+    sqs: tuple[Any, str, str], tmp_path: Path
+) -> None:
+    """A drain hands back every transfer still running, including one whose lease the heartbeat
+    saw lost. On SQS a hand-back sends a copy and deletes the original: the copy duplicates a
+    message another worker now owns (the delete with a stale receipt does not remove it)."""
+    client, url, dlq = sqs
+    config = tw.Config(local_root=str(tmp_path), queue=url, http_port=0, visibility_timeout=30)
+    queue = tw.SQSQueue(config, tw.SQSPublisher(dlq, config, client=client), client=client)
+    client.send_message(QueueUrl=url, MessageBody=json.dumps(make_event()))
+    [mine] = queue.receive(1, 1)
+    client.change_message_visibility(QueueUrl=url, ReceiptHandle=mine.handle, VisibilityTimeout=0)
+    [theirs] = client.receive_message(QueueUrl=url, VisibilityTimeout=600)["Messages"]
+    worker = worker_on(config, queue, io.StringIO())
+    worker._lose_lease(mine, "receipt_invalid")  # what the heartbeat reports
+    worker._hand_back(mine)  # what the drain does with a transfer still running
+    assert drain_queue(client, url) == []  # no second copy beside the other worker's
+    client.delete_message(QueueUrl=url, ReceiptHandle=theirs["ReceiptHandle"])
