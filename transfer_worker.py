@@ -4704,7 +4704,9 @@ class AttemptBudget(tenacity.stop.stop_base):
     def __call__(self, state: tenacity.RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None
         if getattr(error, "reason", None) == UNREACHABLE:
-            if self.outage_since is None:
+            # A wall clock set back mid-outage restarts the grace instead of stretching it by
+            # the jump (a day back kept retrying for a day; review finding 6).
+            if self.outage_since is None or self.clock() < self.outage_since:
                 self.outage_since = self.clock()
             if self.clock() - self.outage_since < self.grace:
                 return False

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tenacity
 
 import transfer_worker as tw
 
@@ -237,3 +238,34 @@ def test_finding5_a_lost_lease_is_not_handed_back_as_a_copy(
     worker._hand_back(mine)  # what the drain does with a transfer still running
     assert drain_queue(client, url) == []  # no second copy beside the other worker's
     client.delete_message(QueueUrl=url, ReceiptHandle=theirs["ReceiptHandle"])
+
+
+# -- finding 6: a wall clock set back during an outage stretched the unreachable grace ------------
+
+
+def test_finding6_a_clock_set_back_does_not_stretch_the_unreachable_grace() -> None:
+    """The grace is measured on the worker's wall clock. NTP setting it back a day during an
+    endpoint outage made every unreachable attempt "within the grace" for a day: the event kept
+    its slot and retried for 24 hours instead of 300 s before counting attempts."""
+    from conftest import Clock
+
+    clock = Clock()
+    attempts: list[int] = []
+
+    def unreachable() -> None:
+        attempts.append(1)
+        if len(attempts) == 2:
+            clock.advance(-86400)  # the clock is corrected backwards mid-outage
+        raise tw.RetryableError("connection refused", reason=tw.UNREACHABLE)
+
+    retrying = tenacity.Retrying(
+        stop=tw.AttemptBudget(2, 300, clock) | tenacity.stop_after_attempt(10_000),
+        wait=tenacity.wait_fixed(30),
+        sleep=lambda seconds: clock.advance(seconds),
+        retry=tenacity.retry_if_exception_type(tw.RetryableError),
+        reraise=True,
+    )
+    with pytest.raises(tw.RetryableError):
+        retrying(unreachable)
+    # 300 s of grace at 30 s a try (restarted at most once by the jump), then 2 counted attempts
+    assert len(attempts) <= 2 * 300 // 30 + 4
