@@ -269,3 +269,32 @@ def test_finding6_a_clock_set_back_does_not_stretch_the_unreachable_grace() -> N
         retrying(unreachable)
     # 300 s of grace at 30 s a try (restarted at most once by the jump), then 2 counted attempts
     assert len(attempts) <= 2 * 300 // 30 + 4
+
+
+# -- finding 7: an envelope larger than SQS's message limit is never dead-lettered ---------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding 7: the envelope carries the body verbatim (JSON-escaped) plus the "
+    "error, so an event near its queue's size limit (256 KiB before 2025) makes an envelope "
+    "SendMessage refuses; the worker retries the dead-letter on every delivery until the "
+    "redrive policy moves it without an envelope. A fix needs a decision (truncate, or point "
+    "at the original) that `dlq redrive` can follow.",
+)
+def test_finding7_an_event_near_the_sqs_limit_is_still_dead_lettered(
+    sqs: tuple[Any, str, str], tmp_path: Path
+) -> None:
+    client, url, dlq = sqs
+    for queue_url in (url, dlq):  # queues made before 2025, or sized so: SQS's old 256 KiB
+        client.set_queue_attributes(
+            QueueUrl=queue_url, Attributes={"MaximumMessageSize": str(256 * 1024)}
+        )
+    body = '{"not": "an event", "padding": "' + '\\"' * (120 * 1024) + '"}'
+    client.send_message(QueueUrl=url, MessageBody=body)  # ~240 KiB: SQS takes it
+    config = tw.Config(local_root=str(tmp_path), queue=url, http_port=0, visibility_timeout=30)
+    queue = tw.SQSQueue(config, tw.SQSPublisher(dlq, config, client=client), client=client)
+    log = io.StringIO()
+    worker_on(config, queue, log).run(once=True)
+    letters = drain_queue(client, dlq)
+    assert [json.loads(m["Body"])["reason"] for m in letters] == ["invalid_event"], log.getvalue()
