@@ -2113,6 +2113,7 @@ AWS_TRANSIENT = {
     "XAmzContentSHA256Mismatch": DAMAGED,
     "ExpiredToken": CREDENTIALS,  # expired under a long transfer; refreshed on the next attempt
     "ExpiredTokenException": CREDENTIALS,
+    "TokenRefreshRequired": CREDENTIALS,  # S3 400 "the provided token must be refreshed"
     "RequestExpired": CREDENTIALS,
     "InternalError": UNAVAILABLE,  # S3 sometimes sends these with a 200
     "ServiceUnavailable": UNAVAILABLE,
@@ -3593,6 +3594,7 @@ class SQSQueue:
         self.client = client or CloudClients(config).sqs(self.url)
         self._held: dict[str, str] = {}  # message id -> receipt handle, received and unsettled
         self._lock = threading.Lock()
+        self._published: set[str] = set()  # receipts whose dead-letter envelope was sent
 
     def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
         with _translated(aws_error, "queue"):
@@ -3617,7 +3619,10 @@ class SQSQueue:
         carried = item.get("MessageAttributes", {})
 
         def count(name: str) -> int:
-            return int(carried.get(name, {}).get("StringValue") or 0)
+            # Anyone who can send may set these (a Number may be "1.5"): a value that is not a
+            # count is ignored, since raising here, after SQS hid the whole batch, blocked it.
+            text = str(carried.get(name, {}).get("StringValue") or "0").strip()
+            return int(text) if text.isascii() and text.isdigit() else 0
 
         sent_ms = count(SQS_SENT) or int(attributes.get("SentTimestamp") or 0)
         return Message(
@@ -3688,8 +3693,13 @@ class SQSQueue:
             )
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
-        self.target.publish(json.dumps(envelope).encode("utf-8"))
+        # The worker retries dead_letter() as a whole while the delete fails: the envelope goes
+        # out once per delivery, or each retry added another dead letter (review finding 3).
+        if message.handle not in self._published:
+            self.target.publish(json.dumps(envelope).encode("utf-8"))
+            self._published.add(message.handle)
         self.ack(message)
+        self._published.discard(message.handle)
 
     def check(self) -> None:
         with _translated(aws_error, "queue"):
@@ -4749,6 +4759,13 @@ def _labels(event: TransferEvent | None) -> tuple[str, str]:
     return (event.source.provider, event.destination.provider)
 
 
+def _delivery(message: Message) -> int:
+    """The key of one delivery in the worker's bookkeeping while it is in flight. Not the
+    message id: a redelivery of the same message to this worker while the first delivery, whose
+    lease was lost, still winds down shares it, and was stopped as lost too (review finding 4)."""
+    return id(message)
+
+
 class LeaseLost(Exception):
     """Raised into a transfer whose message's lease is gone: another worker may own the message
     now, so this one stops at its next chunk (the engine aborts the upload) rather than race the
@@ -4769,7 +4786,9 @@ class AttemptBudget(tenacity.stop.stop_base):
     def __call__(self, state: tenacity.RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None
         if getattr(error, "reason", None) == UNREACHABLE:
-            if self.outage_since is None:
+            # A wall clock set back mid-outage restarts the grace instead of stretching it by
+            # the jump (a day back kept retrying for a day; review finding 6).
+            if self.outage_since is None or self.clock() < self.outage_since:
                 self.outage_since = self.clock()
             if self.clock() - self.outage_since < self.grace:
                 return False
@@ -4964,10 +4983,10 @@ class Worker:
         self._in_flight: dict[int, Message] = {}
         self._in_flight_lock = threading.Condition()
         self._stop_requested_at: float | None = None
-        self._cancelled: set[str] = set()  # message ids handed back by the drain
-        self._lost: set[str] = set()  # message ids whose lease the heartbeat saw lost
-        self._failed: set[str] = set()  # message ids whose delivery had a failed attempt
-        self._released: set[str] = set()  # message ids handed back (once each)
+        self._cancelled: set[int] = set()  # deliveries (_delivery) handed back by the drain
+        self._lost: set[int] = set()  # deliveries whose lease the heartbeat saw lost
+        self._failed: set[int] = set()  # deliveries that had a failed attempt
+        self._released: set[int] = set()  # deliveries handed back (once each)
         self.outage = QueueOutage(log, metrics, readiness)
         self.heartbeat: Heartbeat | None = None
         self._work: queue_module.SimpleQueue[tuple[int, Message] | None] = (
@@ -5066,7 +5085,7 @@ class Worker:
         """What the heartbeat keeps hidden: in flight and not handed back (an extension would
         hide a handed-back message again while its transfer winds down)."""
         with self._in_flight_lock:
-            return [m for m in self._in_flight.values() if m.message_id not in self._released]
+            return [m for m in self._in_flight.values() if _delivery(m) not in self._released]
 
     def _wait_for_free_slot(self) -> int:
         with self._in_flight_lock:
@@ -5112,8 +5131,8 @@ class Worker:
             self.metrics.in_flight.dec()
             with self._in_flight_lock:
                 self._in_flight.pop(slot, None)
-                for ids in (self._lost, self._failed, self._released):
-                    ids.discard(message.message_id)
+                for ids in (self._lost, self._failed, self._released, self._cancelled):
+                    ids.discard(_delivery(message))
                 self._in_flight_lock.notify_all()
 
     def _drain(self) -> None:
@@ -5129,7 +5148,7 @@ class Worker:
             )
             left = list(self._in_flight.values())
         for message in left:
-            self._cancelled.add(message.message_id)
+            self._cancelled.add(_delivery(message))
             self._hand_back(message)
         if left:
             self.log.warning(
@@ -5148,10 +5167,12 @@ class Worker:
         queue does not count as an attempt (ADR 11); after a failed attempt it is a plain retry,
         so that failure stays counted."""
         with self._in_flight_lock:
-            if message.message_id in self._released:
+            # A lost lease is not ours to hand back: on SQS the copy would duplicate a message
+            # another worker owns now (review finding 5).
+            if _delivery(message) in self._released or _delivery(message) in self._lost:
                 return
-            self._released.add(message.message_id)
-            failed = message.message_id in self._failed
+            self._released.add(_delivery(message))
+            failed = _delivery(message) in self._failed
         self.queue.stop_receiving()
         if failed:
             retry = functools.partial(self.queue.retry_later, message, 0)
@@ -5163,9 +5184,9 @@ class Worker:
     def _lose_lease(self, message: Message, why: str) -> None:
         """The heartbeat's ``on_lost``: the transfer stops at its next chunk."""
         with self._in_flight_lock:
-            if message.message_id in self._lost:
+            if _delivery(message) in self._lost:
                 return
-            self._lost.add(message.message_id)
+            self._lost.add(_delivery(message))
         self.log.warning(
             "Lease lost; stopping the transfer (another worker may own the message now)",
             message_id=message.message_id,
@@ -5173,9 +5194,9 @@ class Worker:
         )
 
     def _stop_if_handed_back(self, message: Message) -> None:
-        if message.message_id in self._lost:
+        if _delivery(message) in self._lost:
             raise LeaseLost()
-        if message.message_id in self._cancelled:
+        if _delivery(message) in self._cancelled:
             raise ShutdownRequested()
 
     # -- one message ------------------------------------------------------------------------------
@@ -5291,7 +5312,7 @@ class Worker:
         self, message: Message, event: TransferEvent, state: tenacity.RetryCallState, log: Any
     ) -> None:
         with self._in_flight_lock:
-            self._failed.add(message.message_id)
+            self._failed.add(_delivery(message))
         exc = state.outcome.exception() if state.outcome else None
         reason = getattr(exc, "reason", "transient")
         self.metrics.retries.labels(*_labels(event), reason).inc()
