@@ -204,7 +204,7 @@ def test_finding4_a_redelivery_to_the_same_worker_is_not_stopped_by_the_lost_fir
         assert rig.worker.heartbeat is not None
         rig.worker.heartbeat.beat()  # unreachable, 31 s since the last extension: lost
         stopped = lambda: second.is_set() or rig.logs("Transfer stopped")  # noqa: E731
-        import conftest
+        from tests import conftest
 
         conftest.wait_for(stopped, 20, message="the second delivery")
         stores["aws_s3"].gate.set()
