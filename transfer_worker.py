@@ -4949,6 +4949,13 @@ class Heartbeat:
         return True
 
 
+# Shutdown hand-backs forgiven per message (ADR 11). A rollout or a scale-in hands a message back
+# once or twice; one handed back on every delivery (a worker its liveness probe stops with
+# SIGTERM each time, while it runs that transfer) would otherwise loop for ever, since a graceful
+# stop never counts. Beyond the allowance each hand-back counts as an attempt again.
+HANDBACK_ALLOWANCE = 10
+
+
 class Worker:
     """Receive -> validate -> transfer with retries -> settle (ack, dead-letter, or hand back).
 
@@ -5208,7 +5215,8 @@ class Worker:
         event: TransferEvent | None = None
         log = self.log.bind(message_id=message.message_id)
         # Earlier deliveries each made at least one attempt, unless they were handed back.
-        attempts = [max(0, message.receive_count - 1 - message.handed_back)]
+        forgiven = min(message.handed_back, HANDBACK_ALLOWANCE)
+        attempts = [max(0, message.receive_count - 1 - forgiven)]
         try:
             event = parse_event(
                 message.body, self.validator, max_bytes=self.config.max_message_bytes

@@ -298,3 +298,38 @@ def test_finding7_an_event_near_the_sqs_limit_is_still_dead_lettered(
     worker_on(config, queue, log).run(once=True)
     letters = drain_queue(client, dlq)
     assert [json.loads(m["Body"])["reason"] for m in letters] == ["invalid_event"], log.getvalue()
+
+
+# -- finding 8: a message handed back on every delivery -------------------------------------------
+
+
+def _handed_back(rig: Any, times: int) -> None:
+    for _ in range(times):
+        (message,) = rig.queue.receive(1, 0)
+        rig.queue.hand_back(message)
+
+
+@pytest.mark.parametrize(
+    ("hand_backs", "outcome"),
+    [(tw.HANDBACK_ALLOWANCE + 3, "transferred"), (tw.HANDBACK_ALLOWANCE + 4, "retries_exhausted")],
+)
+def test_finding8_a_message_handed_back_on_every_delivery_ends_in_the_dead_letter_queue(
+    tmp_path: Path, hand_backs: int, outcome: str
+) -> None:
+    """A graceful stop never counted as an attempt, so a message whose worker is stopped with
+    SIGTERM on every delivery (a liveness probe, a crash-looping node) was handed back for ever.
+    Hand-backs beyond HANDBACK_ALLOWANCE count again: with the default 4 attempts, the delivery
+    after allowance + 4 hand-backs has none left and is dead-lettered with its reason."""
+    from tests.test_queue_outage import Rig, submit
+
+    rig = Rig(tmp_path)
+    event = submit(rig)
+    _handed_back(rig, hand_backs)
+    rig.worker.run(once=True)
+    to = event["destination"]
+    destination = tmp_path / to["provider"] / to["bucket"] / to["key"]
+    if outcome == "transferred":
+        assert destination.exists() and rig.dead_letters() == []
+    else:
+        assert not destination.exists()
+        assert [e["reason"] for e in rig.dead_letters()] == ["retries_exhausted"]
