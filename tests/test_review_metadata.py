@@ -1,0 +1,114 @@
+"""Adversarial review of issue 12 (objects arrive as the source had them): attempts to make a
+field arrive altered, or a bad setting surface as a dead-letter storm instead of a start-up
+error. Each test names its finding; fixed ones fail on the code before the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import transfer_worker as tw
+from test_cloud import Buckets
+from tests.test_keys import PART, event
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def cloud_env(aws_env: str, gcs_env: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": aws_env, "STORAGE_EMULATOR_HOST": gcs_env}
+
+
+def engine(**options: Any) -> tw.TransferEngine:
+    stores = {"aws_s3": tw.S3Store(part_size=PART), "gcp_gcs": tw.GCSStore(part_size=PART)}
+    return tw.TransferEngine(stores, options=tw.WriteOptions(**options))
+
+
+def transfer(eng: tw.TransferEngine, src: str, sb: str, dst: str, db: str, key: str) -> Any:
+    body = json.dumps(event(src, sb, dst, db, key)).encode()
+    return eng.transfer(tw.parse_event(body, tw.load_validator()))
+
+
+# -- finding 1: a Content-Type S3 cannot carry ---------------------------------------------------
+
+
+def test_a_content_type_s3_cannot_hold_is_unrepresentable(
+    cloud_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A Content-Type that is not printable ASCII (GCS and local mode hold any UTF-8) cannot be
+    an S3 header. It must be dead-lettered metadata_unrepresentable naming content-type, like
+    the other fields: before, é went out as one latin-1 byte (S3 keeps something else) and a
+    character beyond latin-1 raised UnicodeEncodeError (internal_error). A local source stands
+    for GCS here: gcp-storage-emulator drops the parameter of a single-request upload."""
+    buckets = Buckets(cloud_env)
+    local = tw.LocalObjectStore(tmp_path / "root", "gcp_gcs")
+    ref = tw.ObjectRef("gcp_gcs", "src", "ct")
+    upload = local.open_write(ref, size=4, content_type='text/plain; name="résumé"', metadata={})
+    upload.write(b"data")
+    upload.commit({})
+    eng = tw.TransferEngine({"gcp_gcs": local, "aws_s3": tw.S3Store(part_size=PART)})
+
+    with pytest.raises(tw.PermanentError) as caught:
+        transfer(eng, "gcp_gcs", "src", "aws_s3", buckets.names["aws_s3"], "ct")
+
+    assert caught.value.reason == tw.UNREPRESENTABLE
+    assert "content-type" in str(caught.value)
+    assert buckets.keys("aws_s3") == []
+
+
+# -- finding 2: settings that bypass their choices -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("metadata", "everything"),
+        ("s3_sse", "aws:kms:dsse-typo"),
+        ("s3_bucket_key", "yes"),
+        ("overwrite", "sometimes"),
+    ],
+)
+def test_a_setting_from_the_environment_outside_its_choices_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    setting: str,
+    value: str,
+) -> None:
+    """argparse checks choices of flags only, not of defaults taken from the environment:
+    TRANSFER_WORKER_METADATA=everything ran as if it were 'standard' (carried_metadata carries
+    only for 'all', carried_fields drops only for 'none'), silently dropping user metadata."""
+    monkeypatch.setenv(tw.ENV_PREFIX + setting.upper(), value)
+
+    (tmp_path / "none.jsonl").write_text("")
+
+    assert tw.main(["validate", str(tmp_path / "none.jsonl")]) == 2
+
+    assert f"--{setting.replace('_', '-')}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("s3_storage_class", "GLACIER_FAST"),
+        ("gcs_storage_class", "COOL"),
+        ("gcs_kms_key", "my-key"),
+    ],
+)
+def test_a_bad_storage_class_or_gcs_key_is_refused_at_start(setting: str, value: str) -> None:
+    """A typo here was accepted and then refused by the server for every event: a dead-letter
+    storm (InvalidStorageClass / 400) instead of one error at start."""
+    config = tw.Config(**{setting: value})
+    with pytest.raises(ValueError, match=f"--{setting.replace('_', '-')}"):
+        config.validate(running=False)
+
+
+def test_good_storage_classes_and_keys_are_accepted() -> None:
+    tw.Config(
+        s3_storage_class="STANDARD_IA",
+        gcs_storage_class="NEARLINE",
+        gcs_kms_key="projects/p/locations/us/keyRings/r/cryptoKeys/k",
+    ).validate(running=False)
