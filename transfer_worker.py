@@ -425,6 +425,9 @@ STANDARD_FIELDS = (
     "expires",
     "custom-time",
 )
+# The fields one provider has and the other has not (S3 no custom time, GCS no Expires): the
+# only ones recorded as transfer-worker-source-<field>, and restored from there.
+RECORDED_FIELDS = ("expires", "custom-time")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4103,9 +4106,11 @@ def carried_fields(
     GCS to S3 keeps Expires)."""
     if options.metadata == "none":
         return {}, {}
+    # Only the fields a provider lacks are ever recorded: a Content-Encoding "recorded" in the
+    # source's user metadata is a claim, and made an object without one arrive labelled gzip.
     recorded = {
         name: info.metadata[META_SOURCE_ATTRIBUTE + name]
-        for name in STANDARD_FIELDS
+        for name in RECORDED_FIELDS
         if META_SOURCE_ATTRIBUTE + name in info.metadata
     }
     fields = {**recorded, **info.fields}

@@ -112,3 +112,61 @@ def test_good_storage_classes_and_keys_are_accepted() -> None:
         gcs_storage_class="NEARLINE",
         gcs_kms_key="projects/p/locations/us/keyRings/r/cryptoKeys/k",
     ).validate(running=False)
+
+
+# -- held: the source version is recorded and readable back ----------------------------------------
+
+
+def test_a_versioned_s3_sources_version_id_is_recorded_even_with_metadata_none(
+    cloud_env: dict[str, str],
+) -> None:
+    """Tried: a versioned S3 bucket (version id next to the ETag), an older version's forged
+    record in the source's own metadata, and --metadata none. Held: the destination records
+    the version head() saw, never the source's claim."""
+    buckets = Buckets(cloud_env)
+    s3, bucket = buckets.s3, buckets.names["aws_s3"]
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    forged = {tw.META_SOURCE_ATTRIBUTE + "version-id": "forged", "sha256": "0" * 64}
+    put = s3.put_object(Bucket=bucket, Key="v", Body=b"data", Metadata=forged)
+
+    transfer(engine(metadata="none"), "aws_s3", bucket, "gcp_gcs", buckets.names["gcp_gcs"], "v")
+
+    blob = buckets.gcs.bucket(buckets.names["gcp_gcs"]).get_blob("v")
+    recorded = dict(blob.metadata)
+    assert recorded[tw.META_SOURCE_ATTRIBUTE + "version-id"] == put["VersionId"]
+    assert recorded[tw.META_SOURCE_ATTRIBUTE + "etag"] == put["ETag"]
+    assert "sha256" not in recorded  # --metadata none: not even the legacy-named key
+    info = tw.GCSStore().head(tw.ObjectRef("gcp_gcs", buckets.names["gcp_gcs"], "v"))
+    assert (
+        info is not None and info.recorded(tw.META_SHA256) == tw.hashlib.sha256(b"data").hexdigest()
+    )
+
+
+# -- finding 3: a recorded field the source never had ---------------------------------------------
+
+
+@pytest.mark.parametrize("direction", [("aws_s3", "gcp_gcs"), ("aws_s3", "aws_s3")])
+def test_only_fields_a_provider_lacks_are_restored_from_the_record(
+    cloud_env: dict[str, str], direction: tuple[str, str]
+) -> None:
+    """transfer-worker-source-<field> exists for Expires and custom time, the fields one side
+    has no place for. Any standard field so named in the source's user metadata was restored:
+    an object without Content-Encoding arrived labelled gzip (clients then decompress plain
+    bytes), one without Cache-Control arrived cacheable. The source had neither."""
+    src, dst = direction
+    buckets = Buckets(cloud_env)
+    claimed = {
+        tw.META_SOURCE_ATTRIBUTE + "content-encoding": "gzip",
+        tw.META_SOURCE_ATTRIBUTE + "cache-control": "public, max-age=31536000",
+    }
+    buckets.s3.put_object(Bucket=buckets.names[src], Key="k", Body=b"data", Metadata=claimed)
+
+    transfer(engine(), src, buckets.names[src], dst, buckets.names[dst], "k")
+
+    if dst == "gcp_gcs":
+        blob = buckets.gcs.bucket(buckets.names[dst]).get_blob("k")
+        seen = (blob.content_encoding, blob.cache_control)
+    else:
+        head = buckets.s3.head_object(Bucket=buckets.names[dst], Key="k")
+        seen = (head.get("ContentEncoding"), head.get("CacheControl"))
+    assert seen == (None, None)
