@@ -4078,8 +4078,9 @@ def _recorded_order(dst: ObjectInfo) -> tuple[dt.datetime, str] | None:
 
 
 def _is_record(name: str) -> bool:
-    """One of the worker's own keys (exactly; a variant in case is not one)."""
-    return name in LEGACY_META or name.startswith(META_SOURCE_ATTRIBUTE)
+    """One of the worker's own keys (exactly; a variant in case is not one: every name it
+    records is lowercase, so transfer-worker-source-Expires is refused, not dropped)."""
+    return name in LEGACY_META or (name.startswith(META_SOURCE_ATTRIBUTE) and name.islower())
 
 
 def carried_metadata(info: ObjectInfo, options: WriteOptions) -> dict[str, str]:

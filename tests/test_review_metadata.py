@@ -170,3 +170,20 @@ def test_only_fields_a_provider_lacks_are_restored_from_the_record(
         head = buckets.s3.head_object(Bucket=buckets.names[dst], Key="k")
         seen = (head.get("ContentEncoding"), head.get("CacheControl"))
     assert seen == (None, None)
+
+
+# -- finding 4: a variant in case of a recorded source attribute ----------------------------------
+
+
+def test_a_variant_in_case_of_a_source_attribute_is_refused_not_dropped() -> None:
+    """README: a record name in other case is refused, naming it. transfer-worker-source-Expires
+    (GCS keeps case) passed for the worker's record and was dropped without a word; every
+    name the worker records is lowercase."""
+    info = tw.ObjectInfo(size=4, version="1", metadata={"transfer-worker-source-Expires": "x"})
+
+    with pytest.raises(tw.PermanentError, match="'transfer-worker-source-Expires'") as caught:
+        tw.carried_metadata(info, tw.WriteOptions())
+
+    assert caught.value.reason == tw.UNREPRESENTABLE
+    ours = tw.ObjectInfo(size=4, version="1", metadata={"transfer-worker-source-etag": "e"})
+    assert tw.carried_metadata(ours, tw.WriteOptions()) == {}  # the worker's own: replaced
