@@ -130,6 +130,16 @@ LEGACY_META = {
 }
 # What --metadata carries from the source: standard fields and user metadata, fields only, nothing.
 METADATA_MODES = ("all", "standard", "none")
+# The storage classes the APIs accept (botocore's StorageClass enum; GCS's documented classes).
+S3_STORAGE_CLASSES = (
+    *("", "STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING"),
+    *("GLACIER", "DEEP_ARCHIVE", "OUTPOSTS", "GLACIER_IR", "SNOW", "EXPRESS_ONEZONE"),
+)
+GCS_STORAGE_CLASSES = (
+    *("", "STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE"),
+    *("MULTI_REGIONAL", "REGIONAL", "DURABLE_REDUCED_AVAILABILITY"),
+)
+_GCS_KMS_KEY = re.compile(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+")
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:
@@ -228,8 +238,13 @@ class Config:
         "metadata), standard (Content-Type, Cache-Control, ... only) or none",
         choices=METADATA_MODES,
     )
-    s3_storage_class: str = _setting("", "S3 StorageClass of new objects (empty: the bucket's)")
-    gcs_storage_class: str = _setting("", "GCS storageClass of new objects (empty: the bucket's)")
+    # Choices, so that a typo is one error at start, not a refusal of every event by the server.
+    s3_storage_class: str = _setting(
+        "", "S3 StorageClass of new objects (empty: the bucket's)", choices=S3_STORAGE_CLASSES
+    )
+    gcs_storage_class: str = _setting(
+        "", "GCS storageClass of new objects (empty: the bucket's)", choices=GCS_STORAGE_CLASSES
+    )
     s3_sse: str = _setting(
         "",
         "S3 server-side encryption of new objects: AES256 (SSE-S3), aws:kms (SSE-KMS) or empty "
@@ -274,10 +289,25 @@ class Config:
                 )
         if self.s3_sse == "AES256" and (self.s3_kms_key_id or self.s3_bucket_key == "on"):
             raise ValueError("--s3-kms-key-id and --s3-bucket-key need --s3-sse aws:kms")
+        if self.gcs_kms_key and not _GCS_KMS_KEY.fullmatch(self.gcs_kms_key):
+            raise ValueError("--gcs-kms-key must be projects/P/locations/L/keyRings/R/cryptoKeys/K")
+        self._check_choices()
         for field in dataclasses.fields(self):
             minimum = field.metadata.get("minimum")
             if minimum is not None and getattr(self, field.name) < minimum:
                 raise ValueError(f"--{field.name.replace('_', '-')} must be at least {minimum}")
+
+    def _check_choices(self) -> None:
+        """argparse checks the choices of flags only: a value from the environment (its
+        default) reached the worker unchecked, and TRANSFER_WORKER_METADATA=everything ran as
+        'standard', dropping user metadata without a word."""
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            if choices is not None and getattr(self, field.name) not in choices:
+                raise ValueError(
+                    f"--{field.name.replace('_', '-')}: {getattr(self, field.name)!r} is not one "
+                    f"of {', '.join(repr(c) for c in choices)}"
+                )
 
 
 # =================================================================================================
@@ -403,6 +433,9 @@ STANDARD_FIELDS = (
     "expires",
     "custom-time",
 )
+# The fields one provider has and the other has not (S3 no custom time, GCS no Expires): the
+# only ones recorded as transfer-worker-source-<field>, and restored from there.
+RECORDED_FIELDS = ("expires", "custom-time")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2366,10 +2399,15 @@ def _s3_fields_out(fields: Mapping[str, str]) -> dict[str, Any]:
     which S3 keeps only as printable ASCII: anything else is refused, naming the field."""
     args: dict[str, Any] = {}
     for name, value in fields.items():
-        if not (value.isascii() and value.isprintable()):
-            raise unrepresentable(f"{name} {value!r} is not printable ASCII, as S3 needs")
+        _s3_header_value(name, value)
         args[S3_FIELDS[name]] = _http_date(value) if name == "expires" else value
     return args
+
+
+def _s3_header_value(name: str, value: str) -> str:
+    if not (value.isascii() and value.isprintable()):
+        raise unrepresentable(f"{name} {value!r} is not printable ASCII, as S3 needs")
+    return value
 
 
 def _http_date(value: str) -> dt.datetime:
@@ -2549,7 +2587,9 @@ class S3Store:
             self,
             ref,
             size=size,
-            content_type=content_type,
+            # A header like the other fields: a GCS Content-Type may be any UTF-8, which went
+            # out as latin-1 bytes (é) or raised UnicodeEncodeError (internal_error).
+            content_type=_s3_header_value("content-type", content_type),
             metadata=metadata,
             replaces=replaces,
             upload_args=upload_args,
@@ -4080,8 +4120,9 @@ def _recorded_order(dst: ObjectInfo) -> tuple[dt.datetime, str] | None:
 
 
 def _is_record(name: str) -> bool:
-    """One of the worker's own keys (exactly; a variant in case is not one)."""
-    return name in LEGACY_META or name.startswith(META_SOURCE_ATTRIBUTE)
+    """One of the worker's own keys (exactly; a variant in case is not one: every name it
+    records is lowercase, so transfer-worker-source-Expires is refused, not dropped)."""
+    return name in LEGACY_META or (name.startswith(META_SOURCE_ATTRIBUTE) and name.islower())
 
 
 def carried_metadata(info: ObjectInfo, options: WriteOptions) -> dict[str, str]:
@@ -4108,9 +4149,11 @@ def carried_fields(
     GCS to S3 keeps Expires)."""
     if options.metadata == "none":
         return {}, {}
+    # Only the fields a provider lacks are ever recorded: a Content-Encoding "recorded" in the
+    # source's user metadata is a claim, and made an object without one arrive labelled gzip.
     recorded = {
         name: info.metadata[META_SOURCE_ATTRIBUTE + name]
-        for name in STANDARD_FIELDS
+        for name in RECORDED_FIELDS
         if META_SOURCE_ATTRIBUTE + name in info.metadata
     }
     fields = {**recorded, **info.fields}
