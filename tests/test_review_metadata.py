@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-from test_cloud import Buckets
+from tests.test_cloud import Buckets
 from tests.test_keys import PART, event
 
 pytestmark = pytest.mark.timeout(240)
