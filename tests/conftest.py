@@ -23,7 +23,9 @@ unpatched emulator through gcloud to reproduce the defect (test_pubsub_cancel_..
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -90,6 +92,52 @@ def wait_for(
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {message}{detail}")
         time.sleep(min(interval, remaining))
         interval = min(interval * 1.5, 0.5)
+
+
+class LoggedProcess:
+    """A command (a worker, mostly) in a subprocess, its output collected line by line as it
+    comes (``raw``) and its JSON lines parsed (``lines``); stop() signals it and waits, bounded,
+    killing it if it does not exit."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.reader = threading.Thread(target=self._read, name="worker-log", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            text = raw.decode(errors="replace").rstrip()
+            self.raw.append(text)
+            with contextlib.suppress(ValueError):
+                self.lines.append(json.loads(text))
+
+    def text(self) -> str:
+        return "\n".join(self.raw[-40:])
+
+    def outcomes(self, outcome: str) -> list[dict[str, Any]]:
+        return [line for line in list(self.lines) if line.get("outcome") == outcome]
+
+    def messages(self, prefix: str) -> list[dict[str, Any]]:
+        return [x for x in list(self.lines) if str(x.get("message", "")).startswith(prefix)]
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("process did not exit:\n" + self.text()) from None
+        self.reader.join(10)
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
 
 
 def ci_strict() -> bool:

@@ -14,7 +14,6 @@ import http.server
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import LoggedProcess, wait_for
 
 HERE = Path(__file__).resolve().parent.parent  # the repository root
 PYTHON = sys.executable
@@ -234,7 +233,7 @@ def encode(event: dict[str, Any]) -> bytes:
 # -- the worker as a subprocess -----------------------------------------------------------------
 
 
-class WorkerProcess:
+class WorkerProcess(LoggedProcess):
     """``transfer_worker.py run`` in a subprocess; its JSON log lines are collected as they come."""
 
     def __init__(self, env: dict[str, str], channel: Any, *args: str, once: bool) -> None:
@@ -243,28 +242,7 @@ class WorkerProcess:
         cmd += ["--queue", channel.queue, "--dead-letter", channel.dead_letter]
         cmd += ["--http-port", "0", "--part-size", str(PART), "--backoff-initial", "0.2"]
         cmd += ["--backoff-max", "1", *args] + (["--once"] if once else [])
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=HERE,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.lines: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self.reader = threading.Thread(target=self._read, name="worker-log", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            text = raw.decode(errors="replace").rstrip()
-            self.raw.append(text)
-            with contextlib.suppress(ValueError):
-                self.lines.append(json.loads(text))
-
-    def outcomes(self, outcome: str) -> list[dict[str, Any]]:
-        return [line for line in list(self.lines) if line.get("outcome") == outcome]
+        super().__init__(cmd, {**os.environ, **env}, cwd=HERE)
 
     def wait_outcome(self, outcome: str, count: int = 1, timeout: float = 90) -> list[Any]:
         return wait_until(
@@ -274,21 +252,7 @@ class WorkerProcess:
         )
 
     def log_text(self) -> str:
-        return "\n".join(self.raw[-40:])
-
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError("worker did not exit:\n" + self.log_text()) from None
-        self.reader.join(10)
-        return code
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.wait()
+        return self.text()
 
 
 def run_once(env: dict[str, str], channel: Any, *args: str) -> WorkerProcess:

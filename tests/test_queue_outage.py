@@ -12,10 +12,8 @@ import hashlib
 import io
 import json
 import os
-import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +29,7 @@ import pytest
 
 import transfer_worker as tw
 from conftest import Clock
-from tests.conftest import free_port, wait_for
+from tests.conftest import LoggedProcess, free_port, wait_for
 from tests.faultproxy import FaultProxy
 
 HERE = Path(__file__).resolve().parent.parent
@@ -642,46 +640,9 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return 0, ""
 
 
-class WorkerProcess:
+class WorkerProcess(LoggedProcess):
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [PYTHON, str(HERE / "transfer_worker.py"), "run", *args],
-            cwd=HERE,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.raw: list[str] = []
-        self.reader = threading.Thread(target=self._read, name="worker-log", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.raw.append(line.decode(errors="replace").rstrip())
-
-    def lines(self, message: str) -> list[dict[str, Any]]:
-        found = []
-        for text in list(self.raw):
-            try:
-                line = json.loads(text)
-            except ValueError:
-                continue
-            if str(line.get("message", "")).startswith(message):
-                found.append(line)
-        return found
-
-    def text(self) -> str:
-        return "\n".join(self.raw[-40:])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        super().__init__([PYTHON, str(HERE / "transfer_worker.py"), "run", *args], env, cwd=HERE)
 
 
 def test_a_worker_rides_out_connection_refused_on_its_queue(aws_env: str, tmp_path: Path) -> None:
@@ -729,10 +690,10 @@ def test_a_worker_rides_out_connection_refused_on_its_queue(aws_env: str, tmp_pa
             if line.startswith('queue_errors_total{operation="receive"}')
         ]
         assert float(errors.split()[-1]) >= 2
-        assert len(worker.lines("Queue unreachable")) == 1, worker.text()
-        [again] = worker.lines("Queue reachable again")
+        assert len(worker.messages("Queue unreachable")) == 1, worker.text()
+        [again] = worker.messages("Queue reachable again")
         assert again["failures"] >= 2 and again["outage_seconds"] >= 7
-        assert worker.lines("Transfer completed successfully")
+        assert worker.messages("Transfer completed successfully")
         assert "Traceback" not in "\n".join(worker.raw)
     finally:
         code = worker.stop()

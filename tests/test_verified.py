@@ -8,14 +8,11 @@ the dead-letter envelopes and the destination bucket (through boto3, not the wor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -27,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import transfer_worker as tw
-from tests.conftest import free_port, wait_for
+from tests.conftest import LoggedProcess, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -71,7 +68,7 @@ def make_event(
 # -- the worker as a subprocess, with /metrics --------------------------------------------------
 
 
-class Worker:
+class Worker(LoggedProcess):
     """``transfer_worker.py run`` (not --once: /metrics is read while it runs), its JSON lines
     collected as they come; stop() sends SIGTERM and waits, bounded."""
 
@@ -79,30 +76,7 @@ class Worker:
         self.port = free_port()
         cmd = [sys.executable, SCRIPT, "run", "--http-host", "127.0.0.1"]
         cmd += ["--http-port", str(self.port), "--backoff-initial", "0.2", "--backoff-max", "1"]
-        self.proc = subprocess.Popen(
-            [*cmd, *args],
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.lines: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self.reader = threading.Thread(target=self._read, name="worker-log", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            text = raw.decode(errors="replace").rstrip()
-            self.raw.append(text)
-            with contextlib.suppress(ValueError):
-                self.lines.append(json.loads(text))
-
-    def text(self) -> str:
-        return "\n".join(self.raw[-40:])
-
-    def outcomes(self, outcome: str) -> list[dict[str, Any]]:
-        return [line for line in list(self.lines) if line.get("outcome") == outcome]
+        super().__init__([*cmd, *args], {**os.environ, **(env or {})})
 
     def settled(self, count: int, timeout: float = 90) -> list[dict[str, Any]]:
         """The first ``count`` lines that settle an event (success, skipped, dead-lettered)."""
@@ -124,17 +98,6 @@ class Worker:
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError("worker did not exit:\n" + self.text()) from None
-        self.reader.join(10)
-        return code
 
 
 @pytest.fixture
