@@ -3817,6 +3817,7 @@ class SQSDeadLetters:
 
 
 PUBSUB_SUBSCRIPTION = r"^projects/[^/]+/subscriptions/[^/]+$"
+PUBSUB_TOPIC = r"^projects/[^/]+/topics/[^/]+$"
 PUBSUB_MAX_DEADLINE = 600  # seconds: Pub/Sub accepts ack deadlines of 10 to 600 s
 
 
@@ -4139,7 +4140,10 @@ def pubsub_topic_of(subscription: str, *, subscriber: Any = None) -> str:
 
     subscriber = subscriber or pubsub_v1.SubscriberClient()
     with _translated(google_error, "queue"):
-        return str(subscriber.get_subscription(subscription=subscription).topic)
+        topic = str(subscriber.get_subscription(subscription=subscription).topic)
+    if not re.match(PUBSUB_TOPIC, topic):  # "_deleted-topic_" once its topic is deleted
+        raise PermanentError(f"{subscription} receives no topic ({topic})", reason="queue_error")
+    return topic
 
 
 def _pubsub_dead_letters(config: Config, clients: CloudClients) -> PubSubDeadLetters:
@@ -5985,7 +5989,7 @@ def build_dead_letters(config: Config, clients: CloudClients) -> DeadLetters:
 def build_redrive_target(config: Config, clients: CloudClients) -> Publisher:
     """The work queue: --queue itself, or for a Pub/Sub subscription the topic it receives."""
     if re.match(PUBSUB_SUBSCRIPTION, config.queue):
-        return build_publisher(pubsub_topic_of(config.queue), config, clients)
+        return PubSubPublisher(pubsub_topic_of(config.queue), config)
     return build_publisher(config.queue, config, clients)
 
 
