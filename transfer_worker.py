@@ -3757,6 +3757,16 @@ class SQSPublisher:
         return str(response["MessageId"])
 
 
+def _first_of_each(entries: list[DeadLetter]) -> list[DeadLetter]:
+    seen: set[str] = set()
+    firsts = []
+    for entry in entries:
+        if entry.handle["message_id"] not in seen:
+            seen.add(entry.handle["message_id"])
+            firsts.append(entry)
+    return firsts
+
+
 class SQSDeadLetters:
     """An SQS dead-letter queue as ``dlq`` reads it. Each page is received hidden for ``hold``
     seconds, so that the next page brings other messages; when the command ends every message
@@ -3777,7 +3787,7 @@ class SQSDeadLetters:
                 if not page:
                     break
                 entries += page
-            yield entries
+            yield _first_of_each(entries)  # past `hold` a message comes back in a later page
         finally:
             self._release(entries)
 
@@ -3792,7 +3802,11 @@ class SQSDeadLetters:
         return [
             DeadLetter(
                 dead_letter_envelope(item["Body"].encode("utf-8"), item["MessageId"]),
-                {"receipt": item["ReceiptHandle"], "removed": False},
+                {
+                    "receipt": item["ReceiptHandle"],
+                    "message_id": item["MessageId"],
+                    "removed": False,
+                },
             )
             for item in response.get("Messages", [])
         ]

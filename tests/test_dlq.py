@@ -191,3 +191,26 @@ def test_an_unreachable_dead_letter_queue_is_a_clear_error(aws_env: str) -> None
     url = aws_env.rstrip("/") + "/123456789012/no-such-queue"
     result = cli("dlq", "list", "--dead-letter", url, "--queue", url, check=1)
     assert "unreachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_local_dead_letters_filter_by_reason_and_event_ids(tmp_path: Path) -> None:
+    root = ["--local-root", str(tmp_path)]
+    first, second = poison_event("bucket-x"), poison_event("bucket-y")
+    for body in (first, second, b"this is not json"):
+        subprocess.run(
+            [sys.executable, SCRIPT, "submit", "--no-validate", "-", *root],
+            input=body.decode(), cwd=HERE, check=True, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    cli("run", "--once", "--allowed-buckets", "aws_s3:only-this", "--http-port", "0", *root)
+    ids = [json.loads(b)["eventId"] for b in (first, second)]
+    by_reason = listed_local(root, "--reason", "invalid_event")
+    assert [e["body"] for e in by_reason] == ["this is not json"]
+    both = listed_local(root, "--event-id", ids[0], "--event-id", ids[1])
+    assert sorted(e["event_id"] for e in both) == sorted(ids)
+    cli("dlq", "redrive", *root, "--reason", "forbidden", "--event-id", ids[1])
+    assert sorted(str(e["event_id"]) for e in listed_local(root)) == sorted([ids[0], "None"])
+
+
+def listed_local(root: list[str], *args: str) -> list[dict[str, Any]]:
+    out = cli("dlq", "list", *root, *args).stdout
+    return [json.loads(line) for line in out.splitlines()]
