@@ -3778,6 +3778,19 @@ class SQSDeadLetters:
     def __init__(self, url: str, client: Any) -> None:
         self.url, self.client = url, client
 
+    @classmethod
+    def of_queue(cls, url: str, client: Any) -> SQSDeadLetters:
+        """The dead-letter queue that the RedrivePolicy of the work queue ``url`` names."""
+        with _translated(aws_error, "queue"):
+            attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
+        policy = attributes.get("Attributes", {}).get("RedrivePolicy")
+        if not policy:
+            raise ValueError(f"dlq needs --dead-letter: {url} has no RedrivePolicy naming one")
+        arn = json.loads(policy)["deadLetterTargetArn"].split(":")
+        with _translated(aws_error, "queue"):
+            found = client.get_queue_url(QueueName=arn[5], QueueOwnerAWSAccountId=arn[4])
+        return cls(found["QueueUrl"], client)
+
     @contextlib.contextmanager
     def held(self, limit: int) -> Iterator[list[DeadLetter]]:
         entries: list[DeadLetter] = []
@@ -5992,6 +6005,8 @@ def build_dead_letters(config: Config, clients: CloudClients) -> DeadLetters:
     factory = _registered(DEAD_LETTERS, config.dead_letter) if config.dead_letter else None
     if factory is not None:
         return factory(config, clients)
+    if not config.dead_letter and re.match(r"^https?://", config.queue):
+        return SQSDeadLetters.of_queue(config.queue, clients.sqs(config.queue))
     if not config.dead_letter and _registered(QUEUES, config.queue) is not None:
         raise ValueError(
             "dlq needs the worker's --dead-letter (an SQS queue URL, or projects/P/topics/T "

@@ -182,9 +182,33 @@ def test_pubsub_dead_letters_need_their_subscription(pubsub_env: str) -> None:
     assert "--dead-letter-subscription" in result.stderr
 
 
-def test_a_cloud_queue_without_dead_letter_queue_is_a_usage_error() -> None:
-    result = cli("dlq", "list", "--queue", "https://sqs.eu-west-1.amazonaws.com/1/q", check=2)
+def test_a_cloud_queue_without_dead_letter_queue_is_a_usage_error(aws_env: str) -> None:
+    import boto3
+
+    queue = boto3.client("sqs").create_queue(QueueName=f"bare-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+    result = cli("dlq", "list", "--queue", queue, check=2)
+    assert "--dead-letter" in result.stderr and "RedrivePolicy" in result.stderr
+    result = cli("dlq", "list", "--queue", "projects/p/subscriptions/s", check=2)
     assert "--dead-letter" in result.stderr
+
+
+def test_the_redrive_policy_names_the_sqs_dead_letter_queue(aws_env: str) -> None:
+    """Without --dead-letter, the work queue's RedrivePolicy says where its dead letters are;
+    a body that policy moved there is the original event itself."""
+    sqs = SQS()
+    arn = sqs.sqs.get_queue_attributes(QueueUrl=sqs.dlq, AttributeNames=["QueueArn"])
+    policy = {"deadLetterTargetArn": arn["Attributes"]["QueueArn"], "maxReceiveCount": "5"}
+    attributes = {"RedrivePolicy": json.dumps(policy)}
+    sqs.sqs.set_queue_attributes(QueueUrl=sqs.queue, Attributes=attributes)
+    body = poison_event("bucket-z")
+    sqs.sqs.send_message(QueueUrl=sqs.dlq, MessageBody=body.decode())
+    out = cli("dlq", "list", "--queue", sqs.queue).stdout
+    [entry] = [json.loads(line) for line in out.splitlines()]
+    assert entry["reason"] == "queue_delivery_limit"
+    assert entry["event_id"] == json.loads(body)["eventId"]
+    cli("dlq", "redrive", "--queue", sqs.queue)
+    assert sqs.drain_work() == [body]
+    assert cli("dlq", "list", "--queue", sqs.queue).stdout == ""
 
 
 def test_an_unreachable_dead_letter_queue_is_a_clear_error(aws_env: str) -> None:
