@@ -167,6 +167,11 @@ class Config:
         "SQS queue URL, projects/P/topics/T, or a SQLite path "
         "(default: the local queue's dead-letter table)",
     )
+    dead_letter_subscription: str = _setting(
+        "",
+        "projects/P/subscriptions/S on the --dead-letter topic: what dlq list/redrive read "
+        "for Pub/Sub",
+    )
     concurrency: int = _setting(8, "transfers in flight at once", minimum=1)
     part_size: int = _setting(
         8 * MiB, "multipart part / resumable chunk size in bytes", minimum=MIN_PART_SIZE
@@ -806,6 +811,29 @@ class MessageQueue(Protocol):
 CLOUD_STORES: dict[str, Callable[[Config, CloudClients], ObjectStore]] = {}
 QUEUES: dict[str, Callable[[Config, Publisher, CloudClients], MessageQueue]] = {}
 PUBLISHERS: dict[str, Callable[[str, Config, CloudClients], Publisher]] = {}
+
+
+@dataclasses.dataclass
+class DeadLetter:
+    """One entry of a dead-letter queue: its envelope, and the queue's handle to delete it by."""
+
+    envelope: dict[str, Any]
+    handle: Any
+
+
+class DeadLetters(Protocol):
+    """A dead-letter queue as ``dlq list`` and ``dlq redrive`` read it."""
+
+    def held(self, limit: int) -> contextlib.AbstractContextManager[list[DeadLetter]]:
+        """Up to ``limit`` entries, kept from other readers while the block runs; those not
+        removed are available again at once when it ends (a list consumes nothing)."""
+
+    def remove(self, entry: DeadLetter) -> None:
+        """Delete the entry for good (after its body is back on the work queue)."""
+
+
+# Dead-letter readers by --dead-letter value (SQS queue URL, Pub/Sub topic), like QUEUES.
+DEAD_LETTERS: dict[str, Callable[[Config, CloudClients], DeadLetters]] = {}
 
 
 # =================================================================================================
@@ -1482,12 +1510,43 @@ class LocalDeadLetters:
     def publish(self, body: bytes, *, priority: str = "normal") -> None:
         self.queue.put_dead_letter(json.loads(body))
 
+    @contextlib.contextmanager
+    def held(self, limit: int) -> Iterator[list[DeadLetter]]:
+        """SQLite rows need no holding: only a removal changes them."""
+        yield [DeadLetter(env, row_id) for row_id, env in self.queue.dead_letters()[:limit]]
+
+    def remove(self, entry: DeadLetter) -> None:
+        self.queue.forget_dead_letter(entry.handle)
+
 
 def envelope_body(envelope: Mapping[str, Any]) -> bytes:
     """The original message body stored in a dead-letter envelope."""
     if envelope.get("body_encoding") == "base64":
         return base64.b64decode(envelope["body"])
     return str(envelope["body"]).encode("utf-8")
+
+
+def dead_letter_envelope(body: bytes, message_id: str) -> dict[str, Any]:
+    """The envelope a dead-letter message carries. A message that the queue's own policy moved
+    (SQS maxReceiveCount, Pub/Sub max_delivery_attempts) is the original body itself: it gets
+    an envelope saying so."""
+    doc: Any = None
+    with contextlib.suppress(ValueError):
+        doc = json.loads(body)
+    if isinstance(doc, dict) and "body" in doc and "reason" in doc:
+        return doc
+    try:
+        text, encoding = body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+    event_id = doc.get("eventId") if isinstance(doc, dict) else None
+    return {
+        "body": text,
+        "body_encoding": encoding,
+        "reason": "queue_delivery_limit",
+        "message_id": message_id,
+        "event_id": event_id.lower() if isinstance(event_id, str) else None,
+    }
 
 
 # =================================================================================================
@@ -3778,9 +3837,94 @@ class SQSPublisher:
         return str(response["MessageId"])
 
 
+def _first_of_each(entries: list[DeadLetter]) -> list[DeadLetter]:
+    seen: set[str] = set()
+    firsts = []
+    for entry in entries:
+        if entry.handle["message_id"] not in seen:
+            seen.add(entry.handle["message_id"])
+            firsts.append(entry)
+    return firsts
+
+
+class SQSDeadLetters:
+    """An SQS dead-letter queue as ``dlq`` reads it. Each page is received hidden for ``hold``
+    seconds, so that the next page brings other messages; when the command ends every message
+    not removed is made visible again at once (visibility 0). A reader killed midway leaves
+    them hidden for ``hold`` seconds, no longer."""
+
+    hold = 60
+
+    def __init__(self, url: str, client: Any) -> None:
+        self.url, self.client = url, client
+
+    @classmethod
+    def of_queue(cls, url: str, client: Any) -> SQSDeadLetters:
+        """The dead-letter queue that the RedrivePolicy of the work queue ``url`` names."""
+        with _translated(aws_error, "queue"):
+            attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
+        policy = attributes.get("Attributes", {}).get("RedrivePolicy")
+        if not policy:
+            raise ValueError(f"dlq needs --dead-letter: {url} has no RedrivePolicy naming one")
+        arn = json.loads(policy)["deadLetterTargetArn"].split(":")
+        with _translated(aws_error, "queue"):
+            found = client.get_queue_url(QueueName=arn[5], QueueOwnerAWSAccountId=arn[4])
+        return cls(found["QueueUrl"], client)
+
+    @contextlib.contextmanager
+    def held(self, limit: int) -> Iterator[list[DeadLetter]]:
+        entries: list[DeadLetter] = []
+        try:
+            while len(entries) < limit:
+                page = self._page(min(10, limit - len(entries)))
+                if not page:
+                    break
+                entries += page
+            yield _first_of_each(entries)  # past `hold` a message comes back in a later page
+        finally:
+            self._release(entries)
+
+    def _page(self, count: int) -> list[DeadLetter]:
+        with _translated(aws_error, "queue"):
+            response = self.client.receive_message(
+                QueueUrl=self.url,
+                MaxNumberOfMessages=count,
+                WaitTimeSeconds=1,  # a long poll: a short one samples some servers only
+                VisibilityTimeout=self.hold,
+            )
+        return [
+            DeadLetter(
+                dead_letter_envelope(item["Body"].encode("utf-8"), item["MessageId"]),
+                {
+                    "receipt": item["ReceiptHandle"],
+                    "message_id": item["MessageId"],
+                    "removed": False,
+                },
+            )
+            for item in response.get("Messages", [])
+        ]
+
+    def remove(self, entry: DeadLetter) -> None:
+        with _translated(aws_error, "queue"):
+            self.client.delete_message(QueueUrl=self.url, ReceiptHandle=entry.handle["receipt"])
+        entry.handle["removed"] = True
+
+    def _release(self, entries: list[DeadLetter]) -> None:
+        for entry in entries:
+            if not entry.handle["removed"]:
+                with contextlib.suppress(Exception):  # it shows again after `hold` anyway
+                    self.client.change_message_visibility(
+                        QueueUrl=self.url,
+                        ReceiptHandle=entry.handle["receipt"],
+                        VisibilityTimeout=0,
+                    )
+
+
 # -- Pub/Sub ---------------------------------------------------------------------------------------
 
 
+PUBSUB_SUBSCRIPTION = r"^projects/[^/]+/subscriptions/[^/]+$"
+PUBSUB_TOPIC = r"^projects/[^/]+/topics/[^/]+$"
 PUBSUB_MAX_DEADLINE = 600  # seconds: Pub/Sub accepts ack deadlines of 10 to 600 s
 
 
@@ -4034,6 +4178,92 @@ class PubSubPublisher:
             return str(future.result(timeout=self.timeout))
 
 
+class PubSubDeadLetters:
+    """The subscription on a Pub/Sub dead-letter topic as ``dlq`` reads it: unary pulls whose
+    messages are leased for ``hold`` seconds while the command runs, then released with an ack
+    deadline of 0 (deliverable again at once) unless removed (acknowledged)."""
+
+    hold = 60
+    pull_timeout = 10.0
+
+    def __init__(self, subscription: str, *, subscriber: Any = None) -> None:
+        from google.cloud import pubsub_v1
+
+        self.subscription = subscription
+        self.subscriber = subscriber or pubsub_v1.SubscriberClient()
+
+    @contextlib.contextmanager
+    def held(self, limit: int) -> Iterator[list[DeadLetter]]:
+        entries: dict[str, DeadLetter] = {}  # by message id: a lapsed lease may deliver twice
+        try:
+            while len(entries) < limit:
+                page = self._page(min(100, limit - len(entries)))
+                fresh = {k: v for k, v in page.items() if k not in entries}
+                if not fresh:
+                    break
+                entries.update(fresh)
+            yield list(entries.values())
+        finally:
+            kept = [e.handle["ack_id"] for e in entries.values() if not e.handle["removed"]]
+            with contextlib.suppress(Exception):  # the lease lapses after `hold` anyway
+                self._deadline(kept, 0)
+
+    def _page(self, count: int) -> dict[str, DeadLetter]:
+        from google.api_core import exceptions as google_exceptions
+
+        request = {"subscription": self.subscription, "max_messages": count}
+        with _translated(google_error, "queue"):
+            try:
+                response = self.subscriber.pull(request=request, timeout=self.pull_timeout)
+            except google_exceptions.DeadlineExceeded:  # nothing came: the end of the list
+                return {}
+            self._deadline([r.ack_id for r in response.received_messages], self.hold)
+        return {r.message.message_id: self._entry(r) for r in response.received_messages}
+
+    @staticmethod
+    def _entry(received: Any) -> DeadLetter:
+        message = received.message
+        envelope = dead_letter_envelope(bytes(message.data), message.message_id)
+        return DeadLetter(envelope, {"ack_id": received.ack_id, "removed": False})
+
+    def remove(self, entry: DeadLetter) -> None:
+        request = {"subscription": self.subscription, "ack_ids": [entry.handle["ack_id"]]}
+        with _translated(google_error, "queue"):
+            self.subscriber.acknowledge(request=request)
+        entry.handle["removed"] = True
+
+    def _deadline(self, ack_ids: list[str], seconds: int) -> None:
+        if ack_ids:
+            self.subscriber.modify_ack_deadline(
+                request={
+                    "subscription": self.subscription,
+                    "ack_ids": ack_ids,
+                    "ack_deadline_seconds": seconds,
+                }
+            )
+
+
+def pubsub_topic_of(subscription: str, *, subscriber: Any = None) -> str:
+    """The topic a subscription receives (the work topic for ``dlq redrive``)."""
+    from google.cloud import pubsub_v1
+
+    subscriber = subscriber or pubsub_v1.SubscriberClient()
+    with _translated(google_error, "queue"):
+        topic = str(subscriber.get_subscription(subscription=subscription).topic)
+    if not re.match(PUBSUB_TOPIC, topic):  # "_deleted-topic_" once its topic is deleted
+        raise PermanentError(f"{subscription} receives no topic ({topic})", reason="queue_error")
+    return topic
+
+
+def _pubsub_dead_letters(config: Config, clients: CloudClients) -> PubSubDeadLetters:
+    if not config.dead_letter_subscription:
+        raise ValueError(
+            f"dlq needs --dead-letter-subscription: the subscription on {config.dead_letter} "
+            "that receives its dead letters (Pub/Sub topics cannot be read themselves)"
+        )
+    return PubSubDeadLetters(config.dead_letter_subscription)
+
+
 # -- registration ---------------------------------------------------------------------------------
 
 CLOUD_STORES["aws_s3"] = S3Store.from_config
@@ -4041,15 +4271,17 @@ CLOUD_STORES["gcp_gcs"] = lambda config, clients: GCSStore.from_config(config)
 QUEUES[r"^https?://"] = lambda config, target, clients: SQSQueue(
     config, target, client=clients.sqs(config.queue)
 )
-QUEUES[r"^projects/[^/]+/subscriptions/[^/]+$"] = lambda config, target, clients: PubSubQueue(
-    config, target
-)
+QUEUES[PUBSUB_SUBSCRIPTION] = lambda config, target, clients: PubSubQueue(config, target)
 PUBLISHERS[r"^https?://"] = lambda url, config, clients: SQSPublisher(
     url, config, client=clients.sqs(url)
 )
 PUBLISHERS[r"^projects/[^/]+/topics/[^/]+$"] = lambda topic, config, clients: PubSubPublisher(
     topic, config
 )
+DEAD_LETTERS[r"^https?://"] = lambda config, clients: SQSDeadLetters(
+    config.dead_letter, clients.sqs(config.dead_letter)
+)
+DEAD_LETTERS[r"^projects/[^/]+/topics/[^/]+$"] = _pubsub_dead_letters
 
 
 # =================================================================================================
@@ -5616,6 +5848,7 @@ METAVARS = {
     "local_root": "PATH",
     "queue": "QUEUE",
     "dead_letter": "TARGET",
+    "dead_letter_subscription": "SUBSCRIPTION",
     "part_size": "BYTES",
     "chunk_size": "BYTES",
     "max_message_bytes": "BYTES",
@@ -5639,7 +5872,10 @@ COMMAND_SETTINGS = {
         *("aws_role_arn", "aws_role_audience"),
     ),
     "validate": ("max_message_bytes",),
-    "dlq": ("local_root", "queue", "dead_letter"),
+    "dlq": (
+        *("local_root", "queue", "dead_letter", "dead_letter_subscription"),
+        *("aws_role_arn", "aws_role_audience"),
+    ),
 }
 
 
@@ -5711,16 +5947,43 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "submit":
             add_submit_arguments(sub)
         add_config_arguments(sub, COMMAND_SETTINGS[name])
-    dlq = commands.add_parser("dlq", help="inspect or redrive the local dead-letter table")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    for name, text in (
-        ("list", "print dead-letter envelopes as JSON lines"),
-        ("redrive", "put dead-lettered bodies back on the queue"),
-    ):
-        action = dlq_commands.add_parser(name, help=text, description=text)
-        action.add_argument("--event-id", metavar="ID", default=None, help="only this event")
-        add_config_arguments(action, COMMAND_SETTINGS["dlq"])
+    add_dlq_parser(commands)
     return parser
+
+
+DLQ_HELP = {
+    "list": "print dead-letter envelopes as JSON lines (plus the event's source and "
+    "destination), without consuming them",
+    "redrive": "put dead-lettered bodies back on the work queue (--queue; for Pub/Sub its "
+    "subscription's topic), then delete them from the dead-letter queue; exit 1 if any failed",
+}
+DLQ_EPILOG = (
+    "Reads the local dead-letter table, an SQS dead-letter queue (--dead-letter URL) or the "
+    "subscription on a Pub/Sub dead-letter topic (--dead-letter-subscription)."
+)
+
+
+def add_dlq_parser(commands: Any) -> None:
+    dlq = commands.add_parser("dlq", help="inspect or redrive the dead-letter queue")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    for name, text in DLQ_HELP.items():
+        action = dlq_commands.add_parser(name, help=text, description=text, epilog=DLQ_EPILOG)
+        action.add_argument(
+            "--event-id", metavar="ID", action="append", help="only this event (repeatable)"
+        )
+        action.add_argument(
+            "--reason", metavar="REASON", action="append", help="only this reason (repeatable)"
+        )
+        action.add_argument(
+            "--limit",
+            metavar="N",
+            type=int,
+            default=1000,
+            help="read up to N entries, in pages, before filtering (default: 1000)",
+        )
+        if name == "redrive":
+            action.add_argument("--dry-run", action="store_true", help="say what would move")
+        add_config_arguments(action, COMMAND_SETTINGS["dlq"])
 
 
 def add_submit_arguments(sub: argparse.ArgumentParser) -> None:
@@ -5912,27 +6175,96 @@ class OutcomeWatch:
         return EXIT_WAIT_TIMEOUT
 
 
-def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
-    if re.match(r"^(https?://|projects/)", config.dead_letter or config.queue):
+def build_dead_letters(config: Config, clients: CloudClients) -> DeadLetters:
+    """The dead-letter queue the worker writes to, as ``dlq`` reads it."""
+    if config.dead_letter_subscription:
+        return PubSubDeadLetters(config.dead_letter_subscription)
+    factory = _registered(DEAD_LETTERS, config.dead_letter) if config.dead_letter else None
+    if factory is not None:
+        return factory(config, clients)
+    if not config.dead_letter and re.match(r"^https?://", config.queue):
+        return SQSDeadLetters.of_queue(config.queue, clients.sqs(config.queue))
+    if not config.dead_letter and _registered(QUEUES, config.queue) is not None:
         raise ValueError(
-            "dlq reads a local dead-letter table; for SQS use the console's DLQ "
-            "redrive (StartMessageMoveTask), for Pub/Sub a subscription on the "
-            "dead-letter topic"
+            "dlq needs the worker's --dead-letter (an SQS queue URL, or projects/P/topics/T "
+            "with --dead-letter-subscription)"
         )
-    queue = local_queue(config, config.dead_letter or config.queue)
-    if args.dlq_command == "list":
-        for _, envelope in queue.dead_letters(args.event_id):
-            print(json.dumps(envelope, ensure_ascii=False))
-        return 0
-    target = local_queue(config, config.queue) if config.dead_letter else queue
-    moved = 0
-    for row_id, envelope in queue.dead_letters(args.event_id):
-        body = envelope_body(envelope)
+    return LocalDeadLetters(local_queue(config, config.dead_letter or config.queue))
+
+
+def build_redrive_target(config: Config, clients: CloudClients) -> Publisher:
+    """The work queue: --queue itself, or for a Pub/Sub subscription the topic it receives."""
+    if re.match(PUBSUB_SUBSCRIPTION, config.queue):
+        return PubSubPublisher(pubsub_topic_of(config.queue), config)
+    return build_publisher(config.queue, config, clients)
+
+
+def _chosen(envelope: Mapping[str, Any], args: argparse.Namespace) -> bool:
+    ids = {i.lower() for i in args.event_id or ()}
+    if ids and str(envelope.get("event_id")).lower() not in ids:
+        return False
+    return not args.reason or envelope.get("reason") in args.reason
+
+
+def dead_letter_line(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The envelope with the event's source and destination, when its body names them."""
+    sides: dict[str, Any] = {"source": None, "destination": None}
+    with contextlib.suppress(Exception):  # poison: not JSON, not an object, no sides
+        doc = json.loads(envelope_body(envelope))
+        for side in sides:
+            ref = doc[side]
+            sides[side] = f"{ref['provider']}://{ref['bucket']}/{ref['key']}"
+    return {**envelope, **sides}
+
+
+def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
+    clients = CloudClients(config)
+    dead = build_dead_letters(config, clients)
+    target = None
+    try:
+        if args.dlq_command == "redrive" and not args.dry_run:
+            target = build_redrive_target(config, clients)
+        with dead.held(args.limit) as entries:
+            chosen = [e for e in entries if _chosen(e.envelope, args)]
+            if args.dlq_command == "redrive":
+                return redrive(dead, chosen, target)
+            for entry in chosen:
+                print(json.dumps(dead_letter_line(entry.envelope), ensure_ascii=False))
+            return 0
+    except TransferError as exc:
+        print(f"error: queue unreachable: {exc}", file=sys.stderr)
+        return 1
+
+
+def redrive(dead: DeadLetters, entries: Sequence[DeadLetter], target: Publisher | None) -> int:
+    """Each body back on the work queue, THEN off the dead-letter queue: a failure between the
+    two leaves a duplicate (which the worker skips), never a loss. None: a dry run."""
+    failed = [label for entry in entries if (label := _redrive_one(dead, entry, target))]
+    done = len(entries) - len(failed)
+    verb = "would redrive" if target is None else "redrove"
+    print(f"{verb} {done} message(s), {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None) -> str:
+    """'' when done, else the entry's label (the failure is printed)."""
+    envelope = entry.envelope
+    label = envelope.get("event_id") or f"message {envelope.get('message_id')}"
+    if target is None:
+        print(f"would redrive {label} ({envelope.get('reason')})", file=sys.stderr)
+        return ""
+    body = envelope_body(envelope)
+    try:
         target.publish(body, priority=peek_priority(body))
-        queue.forget_dead_letter(row_id)
-        moved += 1
-    print(f"redrove {moved} message(s)", file=sys.stderr)
-    return 0
+    except TransferError as exc:
+        print(f"error: {label}: not sent, left on the dead-letter queue: {exc}", file=sys.stderr)
+        return str(label)
+    try:
+        dead.remove(entry)
+    except TransferError as exc:
+        print(f"error: {label}: sent, but still on the dead-letter queue: {exc}", file=sys.stderr)
+        return str(label)
+    return ""
 
 
 # Buffers of this size and more are mapped, and unmapped when freed: the parts and the bodies of

@@ -203,8 +203,20 @@ def test_placeholders_say_what_the_value_is(wide: None, capsys: pytest.CaptureFi
                 "--aws-role-audience",
             },
         ),
-        (["dlq", "list"], {"--local-root", "--queue", "--dead-letter"}),
-        (["dlq", "redrive"], {"--local-root", "--queue", "--dead-letter"}),
+        *(
+            (
+                ["dlq", action],
+                {
+                    "--local-root",
+                    "--queue",
+                    "--dead-letter",
+                    "--dead-letter-subscription",
+                    "--aws-role-arn",
+                    "--aws-role-audience",
+                },
+            )
+            for action in ("list", "redrive")
+        ),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else "",
 )
