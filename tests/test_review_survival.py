@@ -271,17 +271,9 @@ def test_finding6_a_clock_set_back_does_not_stretch_the_unreachable_grace() -> N
     assert len(attempts) <= 2 * 300 // 30 + 4
 
 
-# -- finding 7: an envelope larger than SQS's message limit is never dead-lettered ---------------
+# -- finding 7: an envelope larger than SQS's message limit -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 7: the envelope carries the body verbatim (JSON-escaped) plus the "
-    "error, so an event near its queue's size limit (256 KiB before 2025) makes an envelope "
-    "SendMessage refuses; the worker retries the dead-letter on every delivery until the "
-    "redrive policy moves it without an envelope. A fix needs a decision (truncate, or point "
-    "at the original) that `dlq redrive` can follow.",
-)
 def test_finding7_an_event_near_the_sqs_limit_is_still_dead_lettered(
     sqs: tuple[Any, str, str], tmp_path: Path
 ) -> None:
@@ -296,8 +288,12 @@ def test_finding7_an_event_near_the_sqs_limit_is_still_dead_lettered(
     queue = tw.SQSQueue(config, tw.SQSPublisher(dlq, config, client=client), client=client)
     log = io.StringIO()
     worker_on(config, queue, log).run(once=True)
-    letters = drain_queue(client, dlq)
-    assert [json.loads(m["Body"])["reason"] for m in letters] == ["invalid_event"], log.getvalue()
+    assert "Queue unreachable" not in log.getvalue()
+    with tw.SQSDeadLetters(dlq, client).held(10) as letters:  # as `dlq list` reads them
+        assert [e.envelope["reason"] for e in letters] == ["invalid_event"], log.getvalue()
+        assert tw.envelope_body(letters[0].envelope) == body.encode()  # what a redrive sends
+        assert letters[0].envelope["receive_count"] == 1 and "error" in letters[0].envelope
+    assert client.receive_message(QueueUrl=url, WaitTimeSeconds=0).get("Messages") is None
 
 
 # -- finding 8: a message handed back on every delivery -------------------------------------------
