@@ -1094,6 +1094,7 @@ class LocalUpload:
         self.store, self.ref, self.path, self.temp, self.fd = store, ref, path, temp, fd
         self.content_type, self.replaces = content_type, replaces
         self.fields = dict(fields or {})  # local mode keeps every standard field
+        self.unsynced: OSError | None = None  # a directory fsync that failed after the commit
 
     def write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -1112,13 +1113,25 @@ class LocalUpload:
                 fields = {**self.fields, "content-type": self.content_type}
                 record(version, {"fields": fields, "metadata": dict(metadata)})
                 self._put_in_place()
-                _fsync_dir(os.path.dirname(self.path))  # the rename must reach the disk first
+                self._sync_directory()
             self.store.metadata.forget_others(self.ref, version)
         except OSError as exc:
             self.abort()
             raise PermanentError(
                 f"cannot write {self.ref.uri}: {exc}", reason="destination_error"
             ) from exc
+
+    def _sync_directory(self) -> None:
+        """The rename must reach the disk before the lock is released. Once the file is in place
+        (with its record, written first) the commit HAS happened: readers see these bytes, so a
+        failed fsync must neither abort (the record would disagree with nothing, the event would be
+        dead-lettered with its bytes visible) nor fail the attempt. Its durability across a power
+        loss is then unknown, as is the last metadata.db commit's (synchronous=NORMAL): the error is
+        kept on the upload (``unsynced``) and the commit reported done (ADR 10)."""
+        try:
+            _fsync_dir(os.path.dirname(self.path))
+        except OSError as exc:
+            self.unsynced = exc
 
     def _check_planned(self) -> None:
         """Under the commit lock: raise CommitRefused unless the destination is what the plan
