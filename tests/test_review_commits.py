@@ -460,9 +460,6 @@ class SwapsParentForSymlinkAtCommit(tw.LocalMetadata):
         return super().committing(ref)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finding 8: symlink check and link are separate path operations"
-)
 def test_local_a_directory_swapped_for_a_symlink_before_the_link_writes_outside_the_bucket(
     tmp_path: Path,
 ) -> None:
