@@ -1178,6 +1178,7 @@ class LocalUpload:
         self.store, self.ref, self.path, self.temp, self.fd = store, ref, path, temp, fd
         self.content_type, self.replaces = content_type, replaces
         self.fields = dict(fields or {})  # local mode keeps every standard field
+        self.unsynced: OSError | None = None  # a directory fsync that failed after the commit
 
     def write(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -1190,13 +1191,12 @@ class LocalUpload:
             version = _stat_version(os.fstat(self.fd))  # a rename keeps inode, size and mtime
             os.close(self.fd)
             self.fd = -1
-            self.store._path(self.ref)  # re-check: a symlink may have appeared since open_write
-            with self.store.metadata.committing(self.ref) as record:
+            with self.store.metadata.committing(self.ref) as record, self._directory():
                 self._check_planned()
                 fields = {**self.fields, "content-type": self.content_type}
                 record(version, {"fields": fields, "metadata": dict(metadata)})
                 self._put_in_place()
-                _fsync_dir(os.path.dirname(self.path))  # the rename must reach the disk first
+                self._sync_directory()
             self.store.metadata.forget_others(self.ref, version)
         except OSError as exc:
             self.abort()
@@ -1204,16 +1204,42 @@ class LocalUpload:
                 f"cannot write {self.ref.uri}: {exc}", reason="destination_error"
             ) from exc
 
+    @contextlib.contextmanager
+    def _directory(self) -> Iterator[None]:
+        """The key's directory as a file descriptor, opened component by component (review
+        finding 8): every later step works on names inside it, so a directory swapped for a
+        symlink after a check is never followed out of the bucket."""
+        *directories, self.name = self.ref.key.split("/")
+        self.dir_fd = _open_key_directory(
+            self.store.bucket_dir(self.ref.bucket), directories, self.ref
+        )
+        try:
+            yield
+        finally:
+            os.close(self.dir_fd)
+
+    def _sync_directory(self) -> None:
+        """The rename must reach the disk before the lock is released. Once the file is in place
+        (with its record, written first) the commit HAS happened: readers see these bytes, so a
+        failed fsync must neither abort (the record would disagree with nothing, the event would be
+        dead-lettered with its bytes visible) nor fail the attempt. Its durability across a power
+        loss is then unknown, as is the last metadata.db commit's (synchronous=NORMAL): the error is
+        kept on the upload (``unsynced``) and the commit reported done (ADR 10)."""
+        try:
+            _fsync_dir(self.dir_fd)
+        except OSError as exc:
+            self.unsynced = exc
+
     def _check_planned(self) -> None:
         """Under the commit lock: raise CommitRefused unless the destination is what the plan
         saw (no file, or the version it saw)."""
         try:
-            st = os.lstat(self.path)
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             current = None
         else:
             if self.replaces is None:
-                _refuse_non_file(self.path)
+                _refuse_non_file(self.name, self.dir_fd)
             current = _stat_version(st)
         if current != self.replaces:
             raise CommitRefused(f"{self.ref.uri} changed since it was planned ({current})")
@@ -1222,15 +1248,15 @@ class LocalUpload:
         """A new key is linked, which can never replace a file (in case a writer that does not
         take the commit lock made one meanwhile); a planned version is replaced by rename."""
         if self.replaces is None:
-            self._in_new_directory(self._link)
+            self._link()
         else:
-            os.replace(self.temp, self.path)
+            os.replace(self.temp, self.name, dst_dir_fd=self.dir_fd)
 
     def _link(self) -> None:
         try:
-            os.link(self.temp, self.path)  # never replaces: EEXIST if the key appeared
+            os.link(self.temp, self.name, dst_dir_fd=self.dir_fd)  # never replaces: EEXIST
         except FileExistsError:
-            _refuse_non_file(self.path)
+            _refuse_non_file(self.name, self.dir_fd)
             raise CommitRefused(f"{self.ref.uri} exists now; the plan saw it absent") from None
         except OSError as exc:
             if exc.errno not in NO_HARD_LINKS:
@@ -1242,17 +1268,11 @@ class LocalUpload:
     def _replace_if_absent(self) -> None:
         """A filesystem without hard links (FAT, exFAT, many FUSE mounts): the commit lock, which
         every worker on this root takes, makes "still absent, then rename" atomic among them."""
-        if os.path.lexists(self.path):
-            _refuse_non_file(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+            _refuse_non_file(self.name, self.dir_fd)
             raise CommitRefused(f"{self.ref.uri} exists now; the plan saw it absent")
-        os.replace(self.temp, self.path)
-
-    def _in_new_directory(self, action: Callable[[], None]) -> None:
-        try:
-            action()
-        except FileNotFoundError:  # the first object under this prefix
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            action()
+        os.replace(self.temp, self.name, dst_dir_fd=self.dir_fd)
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -1266,18 +1286,45 @@ class LocalUpload:
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV})
 
 
-def _refuse_non_file(path: str) -> None:
+def _refuse_non_file(name: str, dir_fd: int) -> None:
     """A directory (or FIFO, socket...) in the way of a commit is a destination error, as a
     rename onto it was: head() reports such a key absent, so a refusal would re-plan the same
     commit until MAX_REPLANS, reading the source each time. (A symlink stays a refusal: the
     re-plan's head() refuses it as an invalid key.)"""
     with contextlib.suppress(FileNotFoundError):
-        mode = os.lstat(path).st_mode
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            raise FileExistsError(f"{path} exists and is not a regular file")
+            raise FileExistsError(f"{name} exists and is not a regular file")
 
 
-def _fsync_dir(path: str | Path) -> None:
+def _open_key_directory(bucket: Path, directories: list[str], ref: ObjectRef) -> int:
+    """The bucket, then each directory of the key opened from the one above it with O_NOFOLLOW
+    (and made when missing): a symlink there is refused, never followed."""
+    bucket.mkdir(parents=True, exist_ok=True)
+    fd = os.open(bucket, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for name in directories:
+        fd = _open_below(fd, name, ref)
+    return fd
+
+
+def _open_below(parent: int, name: str, ref: ObjectRef) -> int:
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, dir_fd=parent)
+        try:
+            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+        except NotADirectoryError:
+            if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                raise _symlink_error(ref) from None
+            raise
+    finally:
+        os.close(parent)
+
+
+def _fsync_dir(path: str | Path | int) -> None:
+    if isinstance(path, int):  # a directory already open
+        os.fsync(path)
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
