@@ -2791,6 +2791,17 @@ def _joined(upload: _Holds) -> bytes:
     return body
 
 
+def _refuse_if_gone(ref: ObjectRef, exc: RetryableError) -> None:
+    """NoSuchUpload on a part or the completion: another delivery aborted this upload as dead
+    (it was idle past the visibility timeout, ADR 10). Like a refused commit, that says the key
+    has another writer: the engine re-plans (skip, or a new upload on the state now there)
+    instead of counting a failed attempt."""
+    if _aws_code(exc) == "NoSuchUpload":
+        raise CommitRefused(
+            f"{ref.uri}: the multipart upload was aborted by another delivery"
+        ) from exc
+
+
 class S3Upload:
     """One destination object. Up to one part: buffered, one PutObject at commit. Larger: a
     multipart upload whose parts go up in parallel within a window, except the last part, which
@@ -2926,7 +2937,11 @@ class S3Upload:
 
     def _raise_failed_part(self) -> None:
         if self.failed is not None:
-            self.failed.result()
+            try:
+                self.failed.result()
+            except RetryableError as exc:
+                _refuse_if_gone(self.ref, exc)
+                raise
 
     def _upload_part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
         """One part, retried on its own (sending it again replaces it), so a dropped
@@ -2998,7 +3013,11 @@ class S3Upload:
             del self.part[self.filled :]
             self._submit_part(self.part)
             self.part = None
-        parts = [future.result() for future in self.parts]  # raises the first failed part
+        try:
+            parts = [future.result() for future in self.parts]  # raises the first failed part
+        except RetryableError as exc:
+            _refuse_if_gone(self.ref, exc)
+            raise
         with self._conditional():
             self.client.complete_multipart_upload(
                 Bucket=self.ref.bucket,
@@ -3021,6 +3040,7 @@ class S3Upload:
         except RetryableError as exc:
             if _aws_code(exc) == "ConditionalRequestConflict":
                 raise CommitRefused(f"{self.ref.uri}: a conditional write overlapped") from exc
+            _refuse_if_gone(self.ref, exc)
             raise
         except PermanentError as exc:
             if "IfMatch" in self.condition and _aws_code(exc) == "NoSuchKey":

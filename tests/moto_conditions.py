@@ -6,7 +6,8 @@ S3 completes an upload only if the object is still the one named by ``If-Match``
 PreconditionFailed otherwise, 404 NoSuchKey when there is none), and checks and writes atomically.
 ``enforce()`` wraps moto's handler of the completing POST so that it does the same: both checks and
 the completion under one lock. The worker's own code is unchanged; this only makes the emulator
-behave like the service for the race tests and campaigns (README, "Emulators in the tests")."""
+behave like the service for the race tests and campaigns (README, "Emulators in the tests").
+It also answers an UploadPart to an aborted upload with S3's 404 NoSuchUpload, not a 500."""
 
 from __future__ import annotations
 
@@ -37,7 +38,24 @@ def enforce() -> None:
                 return original(self, request, body, bucket_name, query, key_name)
 
         responses.S3Response._key_response_post = key_response_post
+        _answer_no_such_upload()
         _PATCHED = True
+
+
+def _answer_no_such_upload() -> None:
+    """moto looks an UploadPart's upload id up in a dict and answers a KeyError (500) for one
+    that was aborted; S3 answers 404 NoSuchUpload, which the worker acts on."""
+    from moto.s3 import models
+    from moto.s3.exceptions import NoSuchUpload
+
+    original = models.S3Backend.upload_part
+
+    def upload_part(self: Any, bucket_name: str, multipart_id: str, *args: Any) -> Any:
+        if multipart_id not in self.get_bucket(bucket_name).multiparts:
+            raise NoSuchUpload(upload_id=multipart_id)
+        return original(self, bucket_name, multipart_id, *args)
+
+    models.S3Backend.upload_part = upload_part
 
 
 def _check_if_match(response: Any, request: Any, bucket_name: str, key_name: str) -> None:

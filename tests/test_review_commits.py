@@ -151,20 +151,14 @@ class SecondDeliveryInStream:
         return getattr(self.inner, name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "moto reports every multipart upload as Initiated 2010-11-10, so the first delivery's "
-        "upload, which has no part yet, looks idle past the visibility timeout and the second "
-        "delivery aborts it; on S3 it is young and left alone (test_bounds.py covers the rule "
-        "with real times). Still open: a NoSuchUpload could re-plan instead of failing the attempt"
-    ),
-)
 def test_s3_a_delivery_aborted_by_a_concurrent_one_is_dead_lettered_with_max_retries_0(
     aws_env: str, tmp_path: Path
 ) -> None:
-    """The same race through the worker with a budget of one attempt: the event is written (by
-    the other delivery) yet dead-lettered retries_exhausted (NoSuchUpload)."""
+    """The same race through the worker with a budget of one attempt. moto dates every upload
+    2010, so the second delivery takes the first's upload for dead and aborts it (on S3 a young
+    upload is left alone). The first then meets NoSuchUpload: it was a failed attempt, so the
+    event, written by the other delivery, was dead-lettered retries_exhausted. Now it re-plans,
+    as after a refused commit, and finds the event already applied."""
     import io
     import json
 

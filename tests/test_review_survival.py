@@ -271,7 +271,7 @@ def test_finding6_a_clock_set_back_does_not_stretch_the_unreachable_grace() -> N
     assert len(attempts) <= 2 * 300 // 30 + 4
 
 
-# -- finding 7: an envelope larger than SQS's message limit -------------------------------------------
+# -- finding 7: an envelope larger than SQS's message limit ---------------------------------------
 
 
 def test_finding7_an_event_near_the_sqs_limit_is_still_dead_lettered(
