@@ -1573,23 +1573,40 @@ def envelope_body(envelope: Mapping[str, Any]) -> bytes:
     return str(envelope["body"]).encode("utf-8")
 
 
-def dead_letter_envelope(body: bytes, message_id: str) -> dict[str, Any]:
-    """The envelope a dead-letter message carries. A message that the queue's own policy moved
-    (SQS maxReceiveCount, Pub/Sub max_delivery_attempts) is the original body itself: it gets
-    an envelope saying so."""
+def _body_fields(body: bytes) -> dict[str, str]:
+    """A message body as an envelope holds it: UTF-8 text as it is, anything else in base64."""
+    try:
+        return {"body": body.decode("utf-8"), "body_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"body": base64.b64encode(body).decode("ascii"), "body_encoding": "base64"}
+
+
+# A dead-letter envelope too large for its queue (the body of an event near the queue's limit,
+# JSON-escaped, plus the error) travels as the original body with the other fields beside it, in
+# this message attribute; dead_letter_envelope() puts the two together again.
+ENVELOPE_ATTRIBUTE = META_PREFIX + "envelope"
+
+
+def envelope_fields(envelope: Mapping[str, Any]) -> str:
+    """The envelope without the body, as the text of ENVELOPE_ATTRIBUTE."""
+    return json.dumps({k: v for k, v in envelope.items() if k not in ("body", "body_encoding")})
+
+
+def dead_letter_envelope(body: bytes, message_id: str, fields: str | None = None) -> dict[str, Any]:
+    """The envelope a dead-letter message carries. One carried beside its body (``fields``, from
+    ENVELOPE_ATTRIBUTE) is put together again. A message that the queue's own policy moved (SQS
+    maxReceiveCount, Pub/Sub max_delivery_attempts) is the original body itself: it gets an
+    envelope saying so."""
+    if fields is not None:
+        return {**_body_fields(body), **json.loads(fields)}
     doc: Any = None
     with contextlib.suppress(ValueError):
         doc = json.loads(body)
     if isinstance(doc, dict) and "body" in doc and "reason" in doc:
         return doc
-    try:
-        text, encoding = body.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        text, encoding = base64.b64encode(body).decode("ascii"), "base64"
     event_id = doc.get("eventId") if isinstance(doc, dict) else None
     return {
-        "body": text,
-        "body_encoding": encoding,
+        **_body_fields(body),
         "reason": "queue_delivery_limit",
         "message_id": message_id,
         "event_id": event_id.lower() if isinstance(event_id, str) else None,
@@ -3862,10 +3879,22 @@ class SQSQueue:
         # The worker retries dead_letter() as a whole while the delete fails: the envelope goes
         # out once per delivery, or each retry added another dead letter (review finding 3).
         if message.handle not in self._published:
-            self.target.publish(json.dumps(envelope).encode("utf-8"))
+            self._publish_envelope(message, envelope)
             self._published.add(message.handle)
         self.ack(message)
         self._published.discard(message.handle)
+
+    def _publish_envelope(self, message: Message, envelope: Mapping[str, Any]) -> None:
+        """An envelope over SQS_ENVELOPE_LIMIT goes as the original body (which fitted its queue)
+        with the other fields in ENVELOPE_ATTRIBUTE, or SendMessage would refuse it on every
+        delivery until the redrive policy moved the message without its reason (review finding
+        7). The limit is SQS's long-standing 256 KiB, so that a queue made before 2025 fits."""
+        payload = json.dumps(envelope).encode("utf-8")
+        if len(payload) <= SQS_ENVELOPE_LIMIT or not isinstance(self.target, SQSPublisher):
+            self.target.publish(payload)
+        else:
+            fields = {ENVELOPE_ATTRIBUTE: envelope_fields(envelope)}
+            self.target.publish(message.body, attributes=fields)
 
     def check(self) -> None:
         with _translated(aws_error, "queue"):
@@ -3884,6 +3913,9 @@ class SQSQueue:
                 self._set_visibility(handle, 0)
 
 
+SQS_ENVELOPE_LIMIT = 256 * 1024 - 4096  # bytes: SQS's old message limit, less the attribute
+
+
 class SQSPublisher:
     """SendMessage to one queue (dead-letter queue, ``submit --to``). SQS has no priorities:
     ``priority`` is ignored (use a queue per priority)."""
@@ -3892,15 +3924,20 @@ class SQSPublisher:
         self.url = url
         self.client = client or CloudClients(config).sqs(url)
 
-    def publish(self, body: bytes, *, priority: str = "normal") -> str:
+    def publish(
+        self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
+    ) -> str:
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise PermanentError(
                 "SQS message bodies must be UTF-8 text", reason="queue_error"
             ) from None
+        extra = {k: {"DataType": "String", "StringValue": v} for k, v in (attributes or {}).items()}
         with _translated(aws_error, "queue"):
-            response = self.client.send_message(QueueUrl=self.url, MessageBody=text)
+            response = self.client.send_message(
+                QueueUrl=self.url, MessageBody=text, MessageAttributes=extra
+            )
         return str(response["MessageId"])
 
 
@@ -3912,6 +3949,12 @@ def _first_of_each(entries: list[DeadLetter]) -> list[DeadLetter]:
             seen.add(entry.handle["message_id"])
             firsts.append(entry)
     return firsts
+
+
+def _attribute(item: Mapping[str, Any], name: str) -> str | None:
+    """A string message attribute of a received SQS message, None when it has none."""
+    value = item.get("MessageAttributes", {}).get(name, {}).get("StringValue")
+    return str(value) if value is not None else None
 
 
 class SQSDeadLetters:
@@ -3958,10 +4001,15 @@ class SQSDeadLetters:
                 MaxNumberOfMessages=count,
                 WaitTimeSeconds=1,  # a long poll: a short one samples some servers only
                 VisibilityTimeout=self.hold,
+                MessageAttributeNames=[ENVELOPE_ATTRIBUTE],
             )
         return [
             DeadLetter(
-                dead_letter_envelope(item["Body"].encode("utf-8"), item["MessageId"]),
+                dead_letter_envelope(
+                    item["Body"].encode("utf-8"),
+                    item["MessageId"],
+                    _attribute(item, ENVELOPE_ATTRIBUTE),
+                ),
                 {
                     "receipt": item["ReceiptHandle"],
                     "message_id": item["MessageId"],
@@ -5815,14 +5863,9 @@ def make_envelope(
     clock: Callable[[], float] = time.time,
 ) -> dict[str, Any]:
     """The dead-letter envelope: the original body verbatim plus why, how often, who and when."""
-    try:
-        body, encoding = message.body.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        body, encoding = base64.b64encode(message.body).decode("ascii"), "base64"
     ids = _peek_ids(message.body) if event is None else (event.event_id, event.correlation_id)
     return {
-        "body": body,
-        "body_encoding": encoding,
+        **_body_fields(message.body),
         "reason": exc.reason,
         "error": redact(str(exc)),
         "attempts": attempts,

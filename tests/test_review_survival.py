@@ -17,30 +17,9 @@ import pytest
 import tenacity
 
 import transfer_worker as tw
+from tests.test_queue_outage import copied, make_event, put_source
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def make_event(key: str = "in/data.bin") -> dict[str, Any]:
-    return {
-        "schemaVersion": "1.0.0",
-        "eventId": str(uuid.uuid4()),
-        "correlationId": str(uuid.uuid4()),
-        "timestamp": "2024-01-15T10:30:00Z",
-        "source": {"provider": "aws_s3", "bucket": "src", "key": key},
-        "destination": {"provider": "gcp_gcs", "bucket": "dst", "key": f"copy/{key}"},
-    }
-
-
-def put_source(root: Path, key: str, data: bytes) -> None:
-    path = root / "aws_s3" / "src" / key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def copied(root: Path, key: str) -> bytes | None:
-    path = root / "gcp_gcs" / "dst" / "copy" / key
-    return path.read_bytes() if path.exists() else None
 
 
 @pytest.fixture
