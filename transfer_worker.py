@@ -1303,7 +1303,8 @@ def _open_key_directory(bucket: Path, directories: list[str], ref: ObjectRef) ->
     bucket.mkdir(parents=True, exist_ok=True)
     fd = os.open(bucket, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     for name in directories:
-        fd = _open_below(fd, name, ref)
+        if name:  # 'a//b' is a/b, as the path _path() gives it is to the system
+            fd = _open_below(fd, name, ref)
     return fd
 
 
@@ -6323,7 +6324,8 @@ def dead_letter_line(envelope: Mapping[str, Any]) -> dict[str, Any]:
         doc = json.loads(envelope_body(envelope))
         for side in sides:
             ref = doc[side]
-            sides[side] = f"{ref['provider']}://{ref['bucket']}/{ref['key']}"
+            scheme = URI_SCHEMES.get(ref["provider"], ref["provider"])  # as the logs spell it
+            sides[side] = f"{scheme}://{ref['bucket']}/{ref['key']}"
     return {**envelope, **sides}
 
 
@@ -6339,7 +6341,9 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
             if args.dlq_command == "redrive":
                 return redrive(dead, chosen, target)
             for entry in chosen:
-                print(json.dumps(dead_letter_line(entry.envelope), ensure_ascii=False))
+                # ASCII JSON: a key may hold C1 controls (a terminal's CSI) or a lone surrogate,
+                # which would break the line or the output's encoding; escaped they cannot.
+                print(json.dumps(dead_letter_line(entry.envelope)))
             return 0
     except TransferError as exc:
         print(f"error: queue unreachable: {exc}", file=sys.stderr)

@@ -137,8 +137,8 @@ def test_list_shows_every_dead_letter_and_consumes_none(channel: Any, dead: dict
     assert entry["reason"] == "forbidden"
     assert entry["attempts"] == 0 and entry["time"]  # refused before any attempt
     bucket = json.loads(dead[entry["event_id"]])["source"]["bucket"]
-    assert entry["source"] == f"aws_s3://{bucket}/in/a.bin"
-    assert entry["destination"] == f"gcp_gcs://{bucket}/out/a.bin"
+    assert entry["source"] == f"s3://{bucket}/in/a.bin"
+    assert entry["destination"] == f"gs://{bucket}/out/a.bin"
 
 
 def test_reason_filters_the_list(channel: Any, dead: dict) -> None:
