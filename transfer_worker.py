@@ -767,7 +767,16 @@ class ObjectStore(Protocol):
 class Publisher(Protocol):
     """Puts one message body on a queue or topic (``submit --to``, dead-letter targets)."""
 
-    def publish(self, body: bytes, *, priority: str = "normal") -> Any: ...
+    # The largest message the target takes, in bytes of body and attributes (None: no limit), and
+    # whether ``attributes`` may be that large (SQS message attributes count within the message
+    # limit; Pub/Sub's are 1 KiB each). publish_envelope() picks a dead letter's form from these.
+    max_message_bytes: int | None
+    carries_attributes: bool
+
+    def publish(
+        self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
+    ) -> Any:
+        """``attributes``: text carried beside the body; only where ``carries_attributes``."""
 
 
 class MessageQueue(Protocol):
@@ -789,7 +798,10 @@ class MessageQueue(Protocol):
         ``handed_back`` does not count this one as a failed attempt (where the queue can)."""
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
-        """Store the envelope on the dead-letter queue, then delete the message."""
+        """Store the envelope on the dead-letter queue; the worker then acks the message, and
+        while that ack fails it retries the ack alone, so one delivery makes one dead letter. A
+        queue that stores the envelope in its own table deletes the message in the same
+        transaction; the ack then finds nothing to do."""
 
     def extend(self, message: Message, seconds: float) -> bool:
         """Keep the message hidden for another ``seconds`` while its transfer runs. False: the
@@ -1416,7 +1428,18 @@ class LocalQueue:
                 raise
             self._db.execute("COMMIT")
 
-    def publish(self, body: bytes, *, priority: str = "normal", delay: float = 0) -> int:
+    max_message_bytes: int | None = None  # a BLOB column: no limit to state
+    carries_attributes = False
+
+    def publish(
+        self,
+        body: bytes,
+        *,
+        priority: str = "normal",
+        attributes: Mapping[str, str] | None = None,
+        delay: float = 0,
+    ) -> int:
+        _no_attributes(attributes)
         now = self.clock()
         [(row_id,)] = self._write(
             "INSERT INTO messages (body, priority, enqueued_at, visible_at) VALUES (?,?,?,?) "
@@ -1482,8 +1505,7 @@ class LocalQueue:
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
         if self.dead_letter_target is not None:
-            self.dead_letter_target.publish(json.dumps(envelope).encode())
-            self.ack(message)
+            publish_envelope(self.dead_letter_target, message.body, envelope)
             return
         with self._transaction() as db:  # the envelope and the deletion land together or not at all
             self._insert_dead_letter(db, envelope)
@@ -1555,7 +1577,13 @@ class LocalDeadLetters:
     def __init__(self, queue: LocalQueue) -> None:
         self.queue = queue
 
-    def publish(self, body: bytes, *, priority: str = "normal") -> None:
+    max_message_bytes: int | None = None
+    carries_attributes = False
+
+    def publish(
+        self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
+    ) -> None:
+        _no_attributes(attributes)
         self.queue.put_dead_letter(json.loads(body))
 
     @contextlib.contextmanager
@@ -1591,6 +1619,48 @@ ENVELOPE_ATTRIBUTE = META_PREFIX + "envelope"
 def envelope_fields(envelope: Mapping[str, Any]) -> str:
     """The envelope without the body, as the text of ENVELOPE_ATTRIBUTE."""
     return json.dumps({k: v for k, v in envelope.items() if k not in ("body", "body_encoding")})
+
+
+def _no_attributes(attributes: Mapping[str, str] | None) -> None:
+    if attributes:
+        raise ValueError("this target carries no message attributes (carries_attributes)")
+
+
+# What a dead letter's ``error`` says when even the capped text would not fit its queue.
+ERROR_LEFT_OUT = "(left out: with it the dead letter was over its queue's message limit)"
+
+
+def publish_envelope(target: Publisher, body: bytes, envelope: Mapping[str, Any]) -> None:
+    """Send a dead letter once, in the first form within the target's stated limit (review
+    findings 1 and 7): the envelope as JSON; where the target carries attributes, the original
+    body with the other fields in ENVELOPE_ATTRIBUTE; then the same without the error text. If
+    none fits, the smallest goes anyway: the target's real limit may be larger than it states
+    (an SQS queue made since 2025 takes 1 MiB), and a refusal leaves the message to the queue's
+    own redrive policy rather than sending a message we know is too large for ever."""
+    forms = _envelope_forms(body, envelope, target.carries_attributes)
+    limit = target.max_message_bytes
+    fitting = (form for form in forms if limit is None or _message_size(*form) <= limit)
+    payload, attributes = next(fitting, forms[-1])
+    target.publish(payload, attributes=attributes)
+
+
+def _envelope_forms(
+    body: bytes, envelope: Mapping[str, Any], carries_attributes: bool
+) -> list[tuple[bytes, dict[str, str] | None]]:
+    short = {**envelope, "error": ERROR_LEFT_OUT}
+    if not carries_attributes:
+        return [(json.dumps(doc).encode("utf-8"), None) for doc in (envelope, short)]
+    return [
+        (json.dumps(envelope).encode("utf-8"), None),
+        *((body, {ENVELOPE_ATTRIBUTE: envelope_fields(doc)}) for doc in (envelope, short)),
+    ]
+
+
+def _message_size(body: bytes, attributes: Mapping[str, str] | None) -> int:
+    """A message's size as SQS counts it: the body, and each attribute's name, data type
+    ("String") and value, all in UTF-8 bytes."""
+    extra = (len(f"{name}String{value}".encode()) for name, value in (attributes or {}).items())
+    return len(body) + sum(extra)
 
 
 def dead_letter_envelope(body: bytes, message_id: str, fields: str | None = None) -> dict[str, Any]:
@@ -3778,7 +3848,6 @@ class SQSQueue:
         self.client = client or CloudClients(config).sqs(self.url)
         self._held: dict[str, str] = {}  # message id -> receipt handle, received and unsettled
         self._lock = threading.Lock()
-        self._published: set[str] = set()  # receipts whose dead-letter envelope was sent
 
     def receive(self, max_messages: int, wait_seconds: float) -> list[Message]:
         with _translated(aws_error, "queue"):
@@ -3877,25 +3946,7 @@ class SQSQueue:
             )
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
-        # The worker retries dead_letter() as a whole while the delete fails: the envelope goes
-        # out once per delivery, or each retry added another dead letter (review finding 3).
-        if message.handle not in self._published:
-            self._publish_envelope(message, envelope)
-            self._published.add(message.handle)
-        self.ack(message)
-        self._published.discard(message.handle)
-
-    def _publish_envelope(self, message: Message, envelope: Mapping[str, Any]) -> None:
-        """An envelope over SQS_ENVELOPE_LIMIT goes as the original body (which fitted its queue)
-        with the other fields in ENVELOPE_ATTRIBUTE, or SendMessage would refuse it on every
-        delivery until the redrive policy moved the message without its reason (review finding
-        7). The limit is SQS's long-standing 256 KiB, so that a queue made before 2025 fits."""
-        payload = json.dumps(envelope).encode("utf-8")
-        if len(payload) <= SQS_ENVELOPE_LIMIT or not isinstance(self.target, SQSPublisher):
-            self.target.publish(payload)
-        else:
-            fields = {ENVELOPE_ATTRIBUTE: envelope_fields(envelope)}
-            self.target.publish(message.body, attributes=fields)
+        publish_envelope(self.target, message.body, envelope)
 
     def check(self) -> None:
         with _translated(aws_error, "queue"):
@@ -3914,12 +3965,17 @@ class SQSQueue:
                 self._set_visibility(handle, 0)
 
 
-SQS_ENVELOPE_LIMIT = 256 * 1024 - 4096  # bytes: SQS's old message limit, less the attribute
+# SQS's long-standing message limit, body and attributes: a queue made before 2025 (or sized so)
+# takes no more; newer ones take 1 MiB.
+SQS_MESSAGE_LIMIT = 256 * 1024
 
 
 class SQSPublisher:
     """SendMessage to one queue (dead-letter queue, ``submit --to``). SQS has no priorities:
     ``priority`` is ignored (use a queue per priority)."""
+
+    max_message_bytes: int | None = SQS_MESSAGE_LIMIT
+    carries_attributes = True
 
     def __init__(self, url: str, config: Config, *, client: Any = None) -> None:
         self.url = url
@@ -4218,8 +4274,7 @@ class PubSubQueue:
             self._modify_deadline(items, 0)
 
     def dead_letter(self, message: Message, envelope: Mapping[str, Any]) -> None:
-        self.target.publish(json.dumps(envelope).encode("utf-8"))
-        self.ack(message)
+        publish_envelope(self.target, message.body, envelope)
 
     def check(self) -> None:
         """The stream is open or opening. Needs no permission beyond consuming (roles/pubsub.
@@ -4288,7 +4343,13 @@ class PubSubPublisher:
         self.topic = topic
         self.publisher = publisher or pubsub_v1.PublisherClient()
 
-    def publish(self, body: bytes, *, priority: str = "normal") -> str:
+    max_message_bytes: int | None = 10 * 1000 * 1000  # Pub/Sub's limit on a published message
+    carries_attributes = False  # 1 KiB a value: no envelope fits there
+
+    def publish(
+        self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
+    ) -> str:
+        _no_attributes(attributes)
         with _translated(google_error, "queue"):
             future = self.publisher.publish(self.topic, body, priority=priority)
             return str(future.result(timeout=self.timeout))
@@ -5792,12 +5853,7 @@ class Worker:
             event=event,
             clock=self.clock,
         )
-        if not self._settle_quietly(
-            "dead_letter", functools.partial(self.queue.dead_letter, message, envelope)
-        ):  # keep the message: it is redelivered later
-            log.error("Could not dead-letter; message left for redelivery", reason=exc.reason)
-            retry = functools.partial(self.queue.retry_later, message, self.config.backoff_max)
-            self._settle_quietly("retry_later", retry, patient=False)
+        if not self._publish_dead_letter(message, envelope, exc.reason, log):
             return
         labels = _labels(event)
         duration = self.clock() - started
@@ -5812,11 +5868,30 @@ class Worker:
             "Event dead-lettered",
             outcome="dead_lettered",
             reason=exc.reason,
-            error=str(exc),
+            error=envelope["error"],
             attempts=attempts,
             duration_seconds=round(duration, 3),
             bytes_transferred=0,
         )
+
+    def _publish_dead_letter(
+        self, message: Message, envelope: Mapping[str, Any], reason: str, log: Any
+    ) -> bool:
+        """Publish the envelope once, then retry only the ack: a retried publish after a failed
+        ack added a dead letter each time (review finding 3, on every queue). False when nothing
+        was published: the message is left for redelivery."""
+        publish = functools.partial(self.queue.dead_letter, message, envelope)
+        if not self._settle_quietly("dead_letter", publish):
+            log.error("Could not dead-letter; message left for redelivery", reason=reason)
+            retry = functools.partial(self.queue.retry_later, message, self.config.backoff_max)
+            self._settle_quietly("retry_later", retry, patient=False)
+            return False
+        if not self._settle_quietly("ack", functools.partial(self.queue.ack, message)):
+            log.error(
+                "Dead letter published, message not deleted: its redelivery dead-letters it again",
+                reason=reason,
+            )
+        return True
 
     def _settle_quietly(
         self, operation: str, settle: Callable[[], None], *, patient: bool = True
@@ -5868,7 +5943,7 @@ def make_envelope(
     return {
         **_body_fields(message.body),
         "reason": exc.reason,
-        "error": redact(str(exc)),
+        "error": capped(redact(str(exc))),
         "attempts": attempts,
         "receive_count": message.receive_count,
         "worker_id": worker_id,
@@ -5877,6 +5952,23 @@ def make_envelope(
         "event_id": ids[0],
         "correlation_id": ids[1],
     }
+
+
+# The most an envelope's error text takes, in bytes of its JSON: a jsonschema message repeats the
+# offending value, and an event near its queue's limit left its envelope no room for that twice.
+ERROR_TEXT_LIMIT = 4096
+
+
+def capped(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """``text`` as it is if its JSON string (escapes included) fits in ``limit`` bytes, else cut to
+    fit, ending with a note saying how long it was."""
+    if len(json.dumps(text)) <= limit:
+        return text
+    note = f" [cut: {len(text)} characters in all]"
+    kept = text[: limit - len(note)]
+    while len(json.dumps(kept + note)) > limit:  # escapes made it longer: cut further
+        kept = kept[: len(kept) * 3 // 4]
+    return kept + note
 
 
 def _peek_ids(body: bytes) -> tuple[str | None, str | None]:
