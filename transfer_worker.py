@@ -785,6 +785,9 @@ class MessageQueue(Protocol):
     # How long one receive() may block. A shutdown is noticed only between receives, so queues
     # whose polling is free (SQLite, the Pub/Sub client's buffer) keep it short; SQS polls 5 s.
     receive_wait: float
+    # Whether ``Message.handed_back`` counts hand-backs the queue recorded (local, SQS). Pub/Sub
+    # records none: there the worker's budget applies per delivery (ADR 11).
+    records_handbacks: bool
 
     def receive(self, max_messages: int, wait_seconds: float) -> list[Message]: ...
 
@@ -1374,6 +1377,7 @@ class LocalQueue:
     """
 
     receive_wait = 1.0  # polling SQLite is cheap; a short wait keeps shutdown prompt
+    records_handbacks = True  # the handbacks column
 
     def __init__(
         self,
@@ -3838,6 +3842,7 @@ class SQSQueue:
     # (300 s). 5 s polls cost an idle worker 12 ReceiveMessage calls a minute instead of 3
     # (about 0.5 M a month, under $0.25), and each stays a long poll, which sees every server.
     receive_wait = 5.0
+    records_handbacks = True  # carried on the copy a hand-back sends
 
     def __init__(
         self, config: Config, dead_letter_target: Publisher, *, client: Any = None
@@ -4115,8 +4120,8 @@ class PubSubQueue:
     ``delivery_attempt`` is the delivery count when the subscription has a dead_letter_policy
     (the safety net for messages that keep killing workers); without one it is always 1. It
     counts nacks as well, and a message cannot carry anything from one delivery to the next, so
-    every earlier delivery is taken for a hand-back (``handed_back``): the worker's budget is per
-    delivery, and the policy's max_delivery_attempts ends a message that keeps killing workers
+    no hand-back is known (``handed_back`` 0, ``records_handbacks`` False): the worker's budget is
+    per delivery, and the policy's max_delivery_attempts ends a message that keeps killing workers
     (ADR 11). retry_later() is a nack: the subscription's retry_policy provides the backoff.
 
     Shutdown ends the stream before anything is handed back (stop_receiving): a nacked message is
@@ -4125,6 +4130,7 @@ class PubSubQueue:
     stream closes, leased for the stream's ack deadline (the lease, 300 s by default)."""
 
     receive_wait = 1.0  # receive() only drains a local buffer, so keep shutdown prompt
+    records_handbacks = False  # delivery_attempt counts nacks and expiries alike
     startup_wait = 5.0  # the first receive waits for the stream to open (run --once)
     max_lease = 2 * 3600  # seconds a transfer may keep its message leased
 
@@ -4206,7 +4212,6 @@ class PubSubQueue:
             receive_count=deliveries,
             handle=item,
             message_id=item.message_id,
-            handed_back=deliveries - 1,
             sent_at=published.timestamp() if published else None,
         )
 
@@ -5666,9 +5671,7 @@ class Worker:
         started = self.clock()
         event: TransferEvent | None = None
         log = self.log.bind(message_id=message.message_id)
-        # Earlier deliveries each made at least one attempt, unless they were handed back.
-        forgiven = min(message.handed_back, HANDBACK_ALLOWANCE)
-        attempts = [max(0, message.receive_count - 1 - forgiven)]
+        attempts = [self._earlier_attempts(message)]
         try:
             event = parse_event(
                 message.body, self.validator, max_bytes=self.config.max_message_bytes
@@ -5695,6 +5698,15 @@ class Worker:
             self._dead_letter(message, event, error, attempts=attempts[0], started=started, log=log)
         else:
             self._complete(message, event, result, started, log)
+
+    def _earlier_attempts(self, message: Message) -> int:
+        """Earlier deliveries each made at least one attempt, unless they were handed back (up to
+        HANDBACK_ALLOWANCE). A queue that records no hand-backs (Pub/Sub) gives every delivery
+        the whole budget: its own delivery limit ends a message that keeps killing workers."""
+        if not self.queue.records_handbacks:
+            return 0
+        forgiven = min(message.handed_back, HANDBACK_ALLOWANCE)
+        return max(0, message.receive_count - 1 - forgiven)
 
     def _observe_age(self, message: Message, event: TransferEvent) -> None:
         """Queue lag from the queue's own clock (a replayed old event has not waited in it for
@@ -5725,7 +5737,8 @@ class Worker:
             self._abort_stale_uploads(event, log)
             raise PermanentError(
                 f"delivered {message.receive_count} times without settling, "
-                f"{message.handed_back} of them handed back (attempt budget {budget})",
+                f"{message.handed_back} of them handed back at shutdown (at most "
+                f"{HANDBACK_ALLOWANCE} are forgiven; attempt budget {budget})",
                 reason="retries_exhausted",
             )
 

@@ -568,15 +568,17 @@ def test_sqs_hand_backs_are_carried_on_a_copy_and_do_not_exhaust_the_event(
     assert attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
 
 
-def test_a_pubsub_delivery_count_is_taken_for_hand_backs() -> None:
-    """Pub/Sub counts nacks in delivery_attempt and carries nothing between deliveries: the
-    worker's budget is per delivery there; max_delivery_attempts is the safety net."""
+def test_a_pubsub_delivery_count_claims_no_hand_backs() -> None:
+    """Pub/Sub counts nacks in delivery_attempt and carries nothing between deliveries: no
+    hand-back is known, and the worker's budget is per delivery there (records_handbacks);
+    max_delivery_attempts is the safety net (ADR 11)."""
 
     class Received:  # the fields of a google.cloud.pubsub_v1 subscriber Message that are read
         data, delivery_attempt, message_id = b"{}", 7, "m-1"
 
     message = tw.PubSubQueue._message(Received())
-    assert (message.receive_count, message.handed_back) == (7, 6)
+    assert (message.receive_count, message.handed_back) == (7, 0)
+    assert tw.PubSubQueue.records_handbacks is False
 
 
 def test_a_pubsub_lease_past_the_clients_maximum_is_lost() -> None:

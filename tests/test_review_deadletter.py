@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-from tests.test_queue_outage import make_event
+from tests.test_queue_outage import copied, make_event, put_source
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -243,3 +243,64 @@ def test_a_pubsub_dead_letter_is_published_once_when_its_ack_is_retried(
     letters = [json.loads(b) for b in pull_all(resources, resources.dead_letter_subscription)]
     assert [e["reason"] for e in letters] == ["invalid_event"], log.getvalue()
     assert pull_all(resources, resources.subscription) == []  # acknowledged in the end
+
+
+# -- finding 5: on Pub/Sub every redelivery counted as a hand-back ---------------------------------
+
+
+def test_finding5_pubsub_redeliveries_are_not_taken_for_hand_backs(
+    pubsub_topic_subscription: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Pub/Sub records no hand-back, so every earlier delivery was taken for one, and after
+    HANDBACK_ALLOWANCE + 1 deliveries the budget shrank as if hand-backs beyond the allowance
+    had happened: the 15th delivery of an event that never failed in this worker was
+    dead-lettered retries_exhausted, its error claiming '14 of them handed back'. On Pub/Sub
+    the budget is per delivery (ADR 11); the subscription's max_delivery_attempts is the net."""
+    resources = pubsub_topic_subscription(dead_letter=True, max_delivery_attempts=30)
+    event = make_event(max_retries=3)
+    put_source(tmp_path, "in/data.bin", b"z" * 4096)
+    resources.publisher.publish(resources.topic, json.dumps(event).encode()).result(timeout=30)
+    deliveries = 0
+    for _ in range(tw.HANDBACK_ALLOWANCE + 4):  # deliveries that never settled (nacked)
+        response = resources.subscriber.pull(
+            subscription=resources.subscription, max_messages=1, timeout=10
+        )
+        [item] = response.received_messages
+        deliveries = item.delivery_attempt
+        resources.subscriber.modify_ack_deadline(
+            subscription=resources.subscription, ack_ids=[item.ack_id], ack_deadline_seconds=0
+        )
+    assert deliveries == tw.HANDBACK_ALLOWANCE + 4  # the emulator counts them
+    config = tw.Config(
+        local_root=str(tmp_path), queue=resources.subscription, http_port=0, concurrency=1
+    )
+    queue = tw.PubSubQueue(config, tw.PubSubPublisher(resources.dead_letter_topic, config))
+    log = io.StringIO()
+    try:
+        worker_on(config, queue, log).run(once=True)
+    finally:
+        queue.close()
+    assert copied(tmp_path, "in/data.bin") == b"z" * 4096, log.getvalue()
+    assert pull_all(resources, resources.dead_letter_subscription) == []
+
+
+def test_a_local_retries_exhausted_error_says_how_many_hand_backs_are_forgiven(
+    tmp_path: Path,
+) -> None:
+    """Where hand-backs are recorded (local, SQS) the text counts real ones and says that only
+    HANDBACK_ALLOWANCE of them are forgiven, so the arithmetic is visible."""
+    from tests.test_queue_outage import Rig, submit
+
+    rig = Rig(tmp_path)
+    submit(rig)
+    for _ in range(tw.HANDBACK_ALLOWANCE + 4):
+        (message,) = rig.queue.receive(1, 0)
+        rig.queue.hand_back(message)
+    rig.worker.run(once=True)
+    [envelope] = rig.dead_letters()
+    assert envelope["reason"] == "retries_exhausted"
+    assert envelope["error"] == (
+        f"delivered {tw.HANDBACK_ALLOWANCE + 5} times without settling, "
+        f"{tw.HANDBACK_ALLOWANCE + 4} of them handed back at shutdown "
+        f"(at most {tw.HANDBACK_ALLOWANCE} are forgiven; attempt budget 4)"
+    )
