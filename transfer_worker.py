@@ -531,6 +531,9 @@ class TransferResult:
     sha256: str | None = None
     reason: str | None = None
     verified_against: str | None = None
+    # A durability doubt after a commit that happened: a local commit whose directory fsync failed
+    # (LocalUpload.unsynced), as text; None when the commit reached the disk or the store says not.
+    unsynced: str | None = None
 
 
 UNREPRESENTABLE = "metadata_unrepresentable"
@@ -4786,8 +4789,13 @@ class TransferEngine:
         except BaseException:
             upload.abort()
             raise
+        unsynced = getattr(upload, "unsynced", None)  # only a local commit can say
         return TransferResult(
-            "success", bytes_transferred=plan.src.size, sha256=sha256, verified_against=against
+            "success",
+            bytes_transferred=plan.src.size,
+            sha256=sha256,
+            verified_against=against,
+            unsynced=None if unsynced is None else str(unsynced),
         )
 
     def abort_stale_uploads(self, event: TransferEvent) -> int:
@@ -4925,6 +4933,11 @@ class Metrics:
             registry=reg,
         )
         self.ready = Gauge("worker_ready", "1 when /ready answers 200", registry=reg)
+        self.local_fsync_failures = Counter(
+            "local_fsync_failures",
+            "Local commits done whose directory fsync failed: durable only once the disk syncs",
+            registry=reg,
+        )
         self.queue_errors = Counter(
             "queue_errors",
             "Failed calls to the queue, by operation (each one is retried or left for redelivery)",
@@ -5821,6 +5834,8 @@ class Worker:
             return
         self.metrics.success.labels(*labels).inc()
         self.metrics.bytes.labels(*labels).inc(result.bytes_transferred)
+        if result.unsynced is not None:
+            self._report_unsynced(result.unsynced, log)
         against = result.verified_against or NOT_VERIFIED
         self.metrics.verified.labels(*labels, against).inc()
         log.info(
@@ -5830,6 +5845,16 @@ class Worker:
             verified_against=against,
             duration_seconds=round(duration, 3),
             bytes_transferred=result.bytes_transferred,
+        )
+
+    def _report_unsynced(self, error: str, log: Any) -> None:
+        """The commit is done and acknowledged (ADR 10), but a power loss may still undo it: the
+        operator learns of it here (review finding 4), once per transfer, with the key (the log
+        is bound to the destination) and the error."""
+        self.metrics.local_fsync_failures.inc()
+        log.warning(
+            "Committed, but the directory fsync failed: the object may not survive a power loss",
+            error=error,
         )
 
     def _skipped(

@@ -6,6 +6,7 @@ the behaviour is on the wire; sleeps are recorded, never slept."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import uuid
@@ -304,3 +305,32 @@ def test_a_local_retries_exhausted_error_says_how_many_hand_backs_are_forgiven(
         f"{tw.HANDBACK_ALLOWANCE + 4} of them handed back at shutdown "
         f"(at most {tw.HANDBACK_ALLOWANCE} are forgiven; attempt budget 4)"
     )
+
+
+# -- finding 4: a local commit's failed directory fsync went unreported ----------------------------
+
+
+def test_finding4_a_failed_directory_fsync_after_a_local_commit_is_logged_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit is done (its bytes are visible) and acknowledged, but the directory fsync
+    failed, so a power loss may undo it. The error was kept on the upload (``unsynced``) and
+    nobody read it: no log line, no metric. Now one WARNING per transfer, with the destination
+    and the error, and local_fsync_failures_total."""
+    from tests.test_queue_outage import Rig, submit
+
+    def failing_fsync(path: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(tw, "_fsync_dir", failing_fsync)
+    rig = Rig(tmp_path)
+    event = submit(rig, b"q" * 3000)
+    rig.worker.run(once=True)
+    assert copied(tmp_path, "in/data.bin") == b"q" * 3000
+    assert rig.queue.depth() == 0 and rig.dead_letters() == []
+    [warning] = rig.logs("Committed, but the directory fsync failed")
+    assert warning["level"] == "WARNING" and "Input/output error" in warning["error"]
+    to = event["destination"]
+    assert warning["destination"].endswith(f"{to['bucket']}/{to['key']}")
+    assert rig.metric("local_fsync_failures_total") == 1
+    assert rig.logs("Transfer completed successfully")
