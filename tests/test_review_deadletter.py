@@ -49,6 +49,7 @@ class SizedSends:
     def __init__(self, client: Any, limit: int = 256 * KiB) -> None:
         self.client, self.limit = client, limit
         self.sizes: list[int] = []
+        self.with_attributes: list[bool] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
@@ -62,6 +63,7 @@ class SizedSends:
             for name, value in attributes.items()
         )
         self.sizes.append(size)
+        self.with_attributes.append(bool(attributes))
         if size > self.limit:
             error = {
                 "Code": "InvalidParameterValue",
@@ -99,15 +101,17 @@ def worker_on(config: tw.Config, queue: Any, log: io.StringIO, metrics: Any = No
     )
 
 
-def bad_event(size: int) -> bytes:
+def bad_event(size: int, padding: str = "b") -> bytes:
     """A JSON event of ``size`` bytes whose correlationId holds 150 KiB: the schema's message
-    repeats the whole value, so the error alone is 150 KiB."""
+    repeats the whole value, so the error alone is 150 KiB. Padded with ``padding`` characters
+    (a quote is escaped in the body, and escaped again in a JSON envelope)."""
     event = make_event()
     event["correlationId"] = "a" * (150 * KiB)
     event["metadata"]["padding"] = ""
-    event["metadata"]["padding"] = "b" * (size - len(json.dumps(event)))
+    room = size - len(json.dumps(event))
+    event["metadata"]["padding"] = padding * (room // len(json.dumps(padding)[1:-1]))
     body = json.dumps(event).encode()
-    assert len(body) == size
+    assert size - 1 <= len(body) <= size
     return body
 
 
@@ -115,18 +119,22 @@ def bad_event(size: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("size", "form"),
-    [(240 * KiB, "json"), (250 * KiB, "attribute"), (256 * KiB - 700, "error left out")],
+    ("size", "padding", "form"),
+    [
+        (250 * KiB, "b", "json"),  # the envelope with the error cut fits as JSON
+        (250 * KiB, '"', "attribute"),  # escaped twice as JSON: the body and fields beside it
+        (256 * KiB - 700, "b", "error left out"),  # even the cut error is too much
+    ],
 )
 def test_finding1_an_event_with_a_huge_bad_field_is_dead_lettered_with_its_reason(
-    sqs: tuple[Any, str, str], tmp_path: Path, size: int, form: str
+    sqs: tuple[Any, str, str], tmp_path: Path, size: int, padding: str, form: str
 ) -> None:
     """An event near 256 KiB whose bad field is 150 KiB: the envelope's error repeated it at full
     length, so the body plus the transfer-worker-envelope attribute was over SQS's limit too,
     SendMessage refused it on every delivery, and the redrive policy would move it without its
     reason. The error is cut at a few KiB, saying so; where even that is too much, left out."""
     client, url, dlq = sqs
-    body = bad_event(size)
+    body = bad_event(size, padding)
     client.send_message(QueueUrl=url, MessageBody=body.decode())  # within the work queue's limit
     config = tw.Config(local_root=str(tmp_path), queue=url, http_port=0, visibility_timeout=30)
     sends = SizedSends(client)
@@ -135,6 +143,7 @@ def test_finding1_an_event_with_a_huge_bad_field_is_dead_lettered_with_its_reaso
     worker_on(config, queue, log).run(once=True)
 
     assert len(sends.sizes) == 1 and sends.sizes[0] <= 256 * KiB, (sends.sizes, log.getvalue())
+    assert sends.with_attributes == [form != "json"]
     with tw.SQSDeadLetters(dlq, client).held(10) as letters:  # as `dlq list` reads them
         [letter] = letters
         envelope = letter.envelope
