@@ -3036,15 +3036,41 @@ class S3Upload:
         except RetryableError as exc:
             _refuse_if_gone(self.ref, exc)
             raise
-        with self._conditional():
-            self.client.complete_multipart_upload(
-                Bucket=self.ref.bucket,
-                Key=self.ref.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
-                **self.condition,
-            )
+        try:
+            with self._conditional():
+                self.client.complete_multipart_upload(
+                    Bucket=self.ref.bucket,
+                    Key=self.ref.key,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts},
+                    **self.condition,
+                )
+        except CommitRefused as exc:
+            if _aws_code(exc.__cause__) != "NoSuchUpload" or not self._completed(parts):
+                raise
         self._stop_executor()
+
+    def _completed(self, parts: Sequence[Mapping[str, Any]]) -> bool:
+        """A NoSuchUpload at the completion: is the object at the key this upload's? A
+        completion whose answer was lost is sent again by botocore, and S3 answers the repeat
+        NoSuchUpload: the upload is complete, so gone. Re-planning then counted our own commit
+        skipped (already_applied), under every --overwrite. Ours: the ETag S3 gives a
+        multipart object of exactly these parts (the MD5 of their ETags, "-<count>"), and this
+        event on record. Anything else (another delivery aborted us) re-plans as before."""
+        etags = [str(part["ETag"]).strip('"') for part in parts]
+        if not all(_PLAIN_MD5.match(etag) for etag in etags):
+            return False  # not the digests S3's multipart ETag is made of
+        digests = b"".join(bytes.fromhex(etag) for etag in etags)
+        etag = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+        try:
+            there = self.store.head(self.ref)
+        except PermanentError:
+            return False
+        return (
+            there is not None
+            and there.version.strip('"') == etag
+            and there.recorded(META_EVENT_ID) == self.metadata.get(META_EVENT_ID)
+        )
 
     @contextlib.contextmanager
     def _conditional(self) -> Iterator[None]:
