@@ -7,6 +7,9 @@ dropping_proxy), so the requests travel on the wire as they would to S3.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import http.client
 import os
 import socket
@@ -107,3 +110,252 @@ def test_s3_a_completion_whose_answer_is_lost_is_reported_transferred(
     assert len(uploads) == 1, uploads  # never uploaded again
     assert len(completions) == 2  # botocore's retry of the completion, answered NoSuchUpload
     assert side.read("out") == data
+
+
+# -- a large GCS source without checksumSHA256 to S3: read once, checked by its CRC32C ----------
+
+
+class Recording:
+    """test_cloud's relay, recording each request's method, path and headers and counting the
+    body bytes it answers GETs with (what the source served), optionally changing one byte of
+    the ``nth`` request matching ``damage`` on its way."""
+
+    def __init__(self, upstream: str, damage: Any = None) -> None:
+        from tests.test_cloud import FaultProxy
+
+        relay = self
+        self.served = 0
+        self.damage = damage  # (method, path part), or None
+
+        class Proxy(FaultProxy):
+            def _handler(self) -> Any:
+                base = super()._handler()
+
+                class Handler(base):  # type: ignore[misc, valid-type]
+                    def _forward(self, body: bytes) -> None:
+                        if relay._damages(self.command, self.path) and body:
+                            body = body[:-1] + bytes([body[-1] ^ 0xFF])
+                        super()._forward(body)
+
+                    def send_header(self, name: str, value: str) -> None:
+                        media = "alt=media" in self.path
+                        if self.command == "GET" and media and name.lower() == "content-length":
+                            relay.served += int(value)
+                        super().send_header(name, value)
+
+                return Handler
+
+        self.proxy = Proxy(upstream)
+        self.url = self.proxy.url
+
+    def _damages(self, method: str, path: str) -> bool:
+        if self.damage is None or method != self.damage[0] or self.damage[1] not in path:
+            return False
+        self.damage = None  # once
+        return True
+
+    def requests(self, method: str, part: str) -> list[dict[str, str]]:
+        return [
+            {k.lower(): v for k, v in headers.items()}
+            for verb, path, headers in self.proxy.requests
+            if verb == method and part in path
+        ]
+
+    def close(self) -> None:
+        self.proxy.close()
+
+
+@pytest.fixture
+def gcs_to_s3(aws_env: str, fake_gcs_env: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A GCS bucket (fake-gcs-server) and an S3 bucket (moto), and a function that builds an
+    engine whose stores talk to them through recording relays (S3's relay may damage a part)."""
+    from tests.test_commits import gcs_side
+
+    gcs, s3 = gcs_side(), s3_side()
+    relays: list[Recording] = []
+
+    def engine(damage: Any = None) -> tuple[tw.TransferEngine, Recording, Recording]:
+        gcs_relay, s3_relay = Recording(fake_gcs_env), Recording(aws_env, damage)
+        relays.extend([gcs_relay, s3_relay])
+        stores = {
+            "gcp_gcs": relayed_store(monkeypatch, "gcp_gcs", gcs_relay.url),
+            "aws_s3": relayed_store(monkeypatch, "aws_s3", s3_relay.url),
+        }
+        return tw.TransferEngine(stores), gcs_relay, s3_relay
+
+    yield gcs, s3, engine
+    for relay in relays:
+        relay.close()
+
+
+def crc32c_hex(data: bytes) -> str:
+    import google_crc32c
+
+    return google_crc32c.Checksum(data).digest().hex()
+
+
+def s3_head(s3: Any, key: str) -> dict[str, Any]:
+    import boto3
+
+    return boto3.client("s3").head_object(Bucket=s3.bucket, Key=key, ChecksumMode="ENABLED")
+
+
+def test_gcs_to_s3_multipart_reads_the_source_once_and_s3_checks_its_crc32c(gcs_to_s3: Any) -> None:
+    """An event without checksumSHA256 for a GCS object of three S3 parts. Before, the worker
+    read the whole source twice (a SHA-256 pass for the S3 record, then the copy): twice the
+    cross-cloud egress. Now the source is read once; the upload is created with CRC32C
+    FULL_OBJECT, each part carries its CRC32C and the completion names the source's CRC32C,
+    which S3 checks against the parts put together; the destination records that CRC32C and
+    the source's generation, and a redelivery of the event is already_applied."""
+    gcs, s3, engine_with = gcs_to_s3
+    gcs.put("src/a", data := os.urandom(LARGE))
+    engine, gcs_relay, s3_relay = engine_with()
+    event = event_for(gcs.ref("src/a"), s3.ref("out"), JUN)
+    result = engine.transfer(event)
+    assert result.outcome == "success", result  # verified against the source's MD5 and CRC32C
+    assert gcs_relay.served == LARGE  # once, not twice
+    assert result.sha256 == hashlib.sha256(data).hexdigest()  # computed on the way
+    [create] = s3_relay.requests("POST", "?uploads")
+    assert create["x-amz-checksum-algorithm"] == "CRC32C"
+    assert create["x-amz-checksum-type"] == "FULL_OBJECT"
+    parts = s3_relay.requests("PUT", "partNumber=")
+    assert len(parts) == 3 and all("x-amz-checksum-crc32c" in part for part in parts)
+    [complete] = s3_relay.requests("POST", "uploadId=")
+    crc = crc32c_hex(data)
+    assert base64.b64decode(complete["x-amz-checksum-crc32c"]).hex() == crc
+    assert complete["x-amz-checksum-type"] == "FULL_OBJECT"
+    assert s3.read("out") == data
+    head = s3_head(s3, "out")
+    generation = str(tw_gcs_generation(gcs, "src/a"))
+    assert head["Metadata"]["transfer-worker-crc32c"] == crc
+    assert head["Metadata"]["transfer-worker-source-generation"] == generation
+    assert "transfer-worker-sha256" not in head["Metadata"]
+    assert base64.b64decode(head["ChecksumCRC32C"]).hex() == crc  # S3's own, FULL_OBJECT
+    again = engine.transfer(event)
+    assert (again.outcome, again.reason) == ("skipped", "already_applied")
+
+
+def tw_gcs_generation(gcs: Any, key: str) -> int:
+    info = gcs.store.head(gcs.ref(key))
+    return int(info.revision["generation"])
+
+
+def test_gcs_to_s3_a_byte_damaged_on_the_way_to_s3_is_never_committed(gcs_to_s3: Any) -> None:
+    """The relay flips the last byte of the second part on its way to S3, after the worker read
+    and checked it (S3 would refuse that part by its CRC32C; moto does not check parts): the
+    completion names the source's CRC32C, S3 (moto, adjusted as S3 behaves: tests/
+    moto_conditions.py) refuses it as BadDigest, damage in transit, retryable. No object ever
+    exists at the key; the next attempt writes the source's bytes. Before, with the SHA-256
+    pre-pass and no whole-object checksum on the completion, the damaged object was committed."""
+    gcs, s3, engine_with = gcs_to_s3
+    gcs.put("src/a", data := os.urandom(LARGE))
+    engine, _, _ = engine_with(damage=("PUT", "partNumber=2"))
+    event = event_for(gcs.ref("src/a"), s3.ref("out"), JUN)
+    with pytest.raises(tw.RetryableError) as refused:
+        engine.transfer(event)
+    assert refused.value.reason == tw.DAMAGED, refused.value
+    assert s3.read("out") is None
+    assert engine.transfer(event).outcome == "success"  # the worker's retry
+    assert s3.read("out") == data
+
+
+class DamagingSource:
+    """The GCS store with one byte of the source changed as it is read (damage between GCS and
+    the worker), once."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.damaged = inner, False
+
+    @contextlib.contextmanager
+    def open_read(self, ref: tw.ObjectRef, info: tw.ObjectInfo, **kwargs: Any) -> Any:
+        with self.inner.open_read(ref, info, **kwargs) as chunks:
+            yield self._chunks(chunks)
+
+    def _chunks(self, chunks: Any) -> Any:
+        for chunk in chunks:
+            if not self.damaged:
+                self.damaged, chunk = True, bytes([chunk[0] ^ 1]) + chunk[1:]
+            yield chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_gcs_to_s3_a_byte_damaged_on_the_way_from_gcs_is_never_committed(gcs_to_s3: Any) -> None:
+    """The worker's own check: the bytes read disagree with the CRC32C GCS publishes, so the
+    attempt fails as damage in transit before the completion, the upload is aborted and no
+    object exists; the next attempt reads the source again and writes it."""
+    import boto3
+
+    gcs, s3, engine_with = gcs_to_s3
+    gcs.put("src/a", data := os.urandom(LARGE))
+    engine, _, _ = engine_with()
+    engine.stores = {**engine.stores, "gcp_gcs": DamagingSource(engine.stores["gcp_gcs"])}
+    event = event_for(gcs.ref("src/a"), s3.ref("out"), JUN)
+    with pytest.raises(tw.RetryableError) as refused:
+        engine.transfer(event)
+    assert refused.value.reason == tw.DAMAGED, refused.value
+    assert s3.read("out") is None
+    uploads = boto3.client("s3").list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+    assert uploads == []  # aborted
+    assert engine.transfer(event).outcome == "success"
+    assert s3.read("out") == data
+
+
+# -- the plan's comparisons with a CRC32C record ---------------------------------------------------
+
+
+SRC = tw.ObjectRef("gcp_gcs", "src-bucket", "k")
+DST = tw.ObjectRef("aws_s3", "dst-bucket", "k")
+
+
+def crc_record(event: tw.TransferEvent, crc: str, generation: str) -> tw.ObjectInfo:
+    """A destination written on the CRC32C path: the source's CRC32C and generation, no SHA-256."""
+    return tw.ObjectInfo(
+        size=1,
+        version='"e-3"',
+        metadata={
+            "transfer-worker-event-id": event.event_id,
+            "transfer-worker-event-time": event.timestamp.isoformat(),
+            "transfer-worker-crc32c": crc,
+            "transfer-worker-source-generation": generation,
+        },
+    )
+
+
+def gcs_source(crc: str, generation: str) -> tw.ObjectInfo:
+    return tw.ObjectInfo(
+        size=1, version=generation, checksums={"crc32c": crc}, revision={"generation": generation}
+    )
+
+
+@pytest.mark.parametrize(
+    ("crc", "generation", "sha256", "expected"),
+    [
+        ("0a0b0c0d", "7", None, "already_applied"),  # the redelivery
+        ("0a0b0c0d", "8", None, None),  # another source version: written again
+        ("ffffffff", "7", None, None),  # not the CRC32C on record
+        ("0a0b0c0d", "7", "ab" * 32, "already_applied"),  # the SHA-256 known on one side only
+    ],
+)
+def test_a_crc32c_record_counts_only_with_the_source_version_it_names(
+    crc: str, generation: str, sha256: str | None, expected: str | None
+) -> None:
+    """A CRC32C (32 bits) alone never says two objects are equal: the record counts as this
+    event's bytes only with the very source version planned now on record beside it."""
+    event = event_for(SRC, DST, JUN)
+    dst = crc_record(event, "0a0b0c0d", "7")
+    src = gcs_source(crc, generation)
+    assert tw.plan_skip(event, dst, sha256, "always", src=src) == expected
+    assert tw.plan_skip(event, dst, sha256, "always") is None  # without the source: no claim
+
+
+def test_same_content_accepts_a_crc32c_record_of_the_same_source_version() -> None:
+    """After the stream, the SHA-256 is known but the destination records only the CRC32C (the
+    same event, re-planned after a refusal): the bytes are there already, S3 having checked
+    them against that CRC32C at completion, but only for the source version on record."""
+    event = event_for(SRC, DST, JUN)
+    dst = crc_record(event, "0a0b0c0d", "7")
+    assert tw.same_content(dst, "ab" * 32, event, src=gcs_source("0a0b0c0d", "7"))
+    assert not tw.same_content(dst, "ab" * 32, event, src=gcs_source("0a0b0c0d", "8"))
+    assert not tw.same_content(dst, "ab" * 32, event)
