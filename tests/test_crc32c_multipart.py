@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-from tests.test_commits import LARGE, event_for, relayed_store, s3_side
+from tests.test_commits import LARGE, PART, event_for, relayed_store, s3_side
 
 JUN = "2026-06-01T00:00:00Z"
 
@@ -120,12 +120,13 @@ class Recording:
     body bytes it answers GETs with (what the source served), optionally changing one byte of
     the ``nth`` request matching ``damage`` on its way."""
 
-    def __init__(self, upstream: str, damage: Any = None) -> None:
+    def __init__(self, upstream: str, damage: Any = None, media: str = "alt=media") -> None:
         from tests.test_cloud import FaultProxy
 
         relay = self
         self.served = 0
         self.damage = damage  # (method, path part), or None
+        self.media = media  # the GETs whose answers count as served
 
         class Proxy(FaultProxy):
             def _handler(self) -> Any:
@@ -138,7 +139,7 @@ class Recording:
                         super()._forward(body)
 
                     def send_header(self, name: str, value: str) -> None:
-                        media = "alt=media" in self.path
+                        media = relay.media in self.path
                         if self.command == "GET" and media and name.lower() == "content-length":
                             relay.served += int(value)
                         super().send_header(name, value)
@@ -359,3 +360,55 @@ def test_same_content_accepts_a_crc32c_record_of_the_same_source_version() -> No
     assert tw.same_content(dst, "ab" * 32, event, src=gcs_source("0a0b0c0d", "7"))
     assert not tw.same_content(dst, "ab" * 32, event, src=gcs_source("0a0b0c0d", "8"))
     assert not tw.same_content(dst, "ab" * 32, event)
+
+
+def put_full_object_crc32c(client: Any, bucket: str, key: str, data: bytes) -> None:
+    """A multipart S3 object with a FULL_OBJECT CRC32C, as a writer using it (or this worker)
+    leaves one."""
+    upload = client.create_multipart_upload(
+        Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C", ChecksumType="FULL_OBJECT"
+    )["UploadId"]
+    parts = []
+    for number, start in enumerate(range(0, len(data), PART), 1):
+        piece = data[start : start + PART]
+        crc = base64.b64encode(bytes.fromhex(crc32c_hex(piece))).decode()
+        etag = client.upload_part(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload,
+            PartNumber=number,
+            Body=piece,
+            ChecksumCRC32C=crc,
+        )["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag, "ChecksumCRC32C": crc})
+    client.complete_multipart_upload(
+        Bucket=bucket,
+        Key=key,
+        UploadId=upload,
+        MultipartUpload={"Parts": parts},
+        ChecksumCRC32C=base64.b64encode(bytes.fromhex(crc32c_hex(data))).decode(),
+        ChecksumType="FULL_OBJECT",
+    )
+
+
+def test_s3_source_with_a_full_object_crc32c_is_checked_by_it_and_read_once(
+    aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_s3_checksums reads a CRC32C that S3 states is FULL_OBJECT: such an S3 object (the
+    worker's own output of the test above, say) is verified against it as a source, and to an
+    S3 destination without a SHA-256 it is read once too. Before, the CRC32C was ignored: no
+    source check, and a hashing pass first."""
+    import boto3
+
+    side = s3_side()
+    put_full_object_crc32c(boto3.client("s3"), side.bucket, "src/a", data := os.urandom(LARGE))
+    relay = Recording(aws_env, media="/src/a")
+    try:
+        engine = tw.TransferEngine({"aws_s3": relayed_store(monkeypatch, "aws_s3", relay.url)})
+        result = engine.transfer(event_for(side.ref("src/a"), side.ref("out"), JUN))
+    finally:
+        relay.close()
+    assert (result.outcome, result.verified_against) == ("success", "source_crc32c"), result
+    assert relay.served == LARGE
+    assert side.read("out") == data
+    assert s3_head(side, "out")["Metadata"]["transfer-worker-crc32c"] == crc32c_hex(data)
