@@ -117,6 +117,9 @@ META_SHA256 = META_PREFIX + "sha256"
 META_EVENT_ID = META_PREFIX + "event-id"
 META_EVENT_TIME = META_PREFIX + "event-time"
 META_SOURCE = META_PREFIX + "source"
+# The source's own CRC32C (hex), recorded instead of the SHA-256 where that is not known when the
+# destination fixes its metadata (a large GCS source without the event's checksumSHA256, to S3).
+META_CRC32C = META_PREFIX + "crc32c"
 # The source's version as the plan read it, one key per identifier: transfer-worker-source-etag,
 # -version-id (S3), -generation, -metageneration (GCS), -stat (local). A standard field the
 # destination has no place for (S3 has no custom time, GCS no Expires) is recorded here too.
@@ -2685,6 +2688,9 @@ class S3Store:
         self.stale_after, self.clock = stale_after, clock
         # Metadata of a multipart upload is fixed by CreateMultipartUpload.
         self.late_metadata_limit = part_size
+        # ... but S3 checks a full-object CRC32C named at its completion (ChecksumType
+        # FULL_OBJECT): a source's CRC32C can stand in for a SHA-256 not known up front.
+        self.commits_crc32c = True
         self.standard_fields = frozenset(S3_FIELDS)  # no custom time: the engine records it
         self.clients = clients or AwsClients(pool=max(10, concurrency * (window + 1)))
 
@@ -2866,6 +2872,10 @@ def _s3_checksums(response: Mapping[str, Any]) -> dict[str, str]:
     whole = response.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" and "-" not in etag
     if sha and "-" not in sha and whole:
         checksums["sha256"] = base64.b64decode(sha).hex()
+    # A CRC32C can be FULL_OBJECT on a multipart object too (ADR 6): only when S3 says so.
+    crc = response.get("ChecksumCRC32C")
+    if crc and "-" not in crc and response.get("ChecksumType") == "FULL_OBJECT":
+        checksums["crc32c"] = base64.b64decode(crc).hex()
     encrypted = str(response.get("ServerSideEncryption", "")).startswith("aws:kms") or (
         response.get("SSECustomerAlgorithm")
     )
@@ -2897,6 +2907,11 @@ def _refuse_if_gone(ref: ObjectRef, exc: RetryableError) -> None:
         ) from exc
 
 
+def _with_sha256_placeholder(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The largest record a commit may write: the SHA-256 in place of a recorded CRC32C."""
+    return {**{k: v for k, v in metadata.items() if k != META_CRC32C}, META_SHA256: "0" * 64}
+
+
 class S3Upload:
     """One destination object. Up to one part: buffered, one PutObject at commit. Larger: a
     multipart upload whose parts go up in parallel within a window, except the last part, which
@@ -2921,7 +2936,7 @@ class S3Upload:
         # Standard fields, storage class and encryption: fixed at PutObject or at creation.
         self.upload_args = dict(upload_args or {})
         # Refused here, before any byte moves, if S3 cannot hold it with the SHA-256 to come.
-        _s3_metadata_out({META_SHA256: "0" * 64, **metadata})
+        _s3_metadata_out(_with_sha256_placeholder(metadata))
         self.client = store.client(ref)
         # PutObject and CompleteMultipartUpload write only if the key is still as planned.
         self.condition = {"IfMatch": replaces} if replaces else {"IfNoneMatch": "*"}
@@ -2930,11 +2945,13 @@ class S3Upload:
         self.held: list[bytes] = []
         self.written = 0
         self.upload_id: str | None = None
+        self.crc32c: str | None = None  # the source's, when the upload is checked by it
         self.parts: list[Future[dict[str, Any]]] = []
         self.failed: Future[dict[str, Any]] | None = None  # the first part that failed
         self.finished = False
         self.executor: ThreadPoolExecutor | None = None
         self.part: bytearray | None = None  # the part being filled
+        self.part_crc: Any = None  # its CRC32C so far, when the upload is checked by CRC32C
         self.filled = 0
         self.allocated = 0
         self.free: queue_module.SimpleQueue[bytearray] = queue_module.SimpleQueue()
@@ -2956,6 +2973,14 @@ class S3Upload:
         return part_size
 
     def _create(self) -> None:
+        # Without the SHA-256 up front, S3 checks the whole object against the source's CRC32C.
+        if META_SHA256 not in self.metadata:
+            self.crc32c = self.metadata.get(META_CRC32C)
+        checksum = (
+            {"ChecksumAlgorithm": "CRC32C", "ChecksumType": "FULL_OBJECT"}
+            if self.crc32c
+            else {"ChecksumAlgorithm": "SHA256"}
+        )
         try:
             with _translated(aws_error, "destination"):
                 response = self.client.create_multipart_upload(
@@ -2963,7 +2988,7 @@ class S3Upload:
                     Key=self.ref.key,
                     ContentType=self.content_type,
                     Metadata=_s3_metadata_out(self.metadata),
-                    ChecksumAlgorithm="SHA256",
+                    **checksum,
                     **self.upload_args,
                 )
         except TransferError:
@@ -2993,14 +3018,24 @@ class S3Upload:
         while view:
             if self.part is None:
                 self.part, self.filled = self._empty_part(), 0
+                self.part_crc = self._new_part_crc()
             n = min(len(view), self.part_size - self.filled)
             self.part[self.filled : self.filled + n] = view[:n]
+            if self.part_crc is not None:  # the chunk itself when it fits whole, as is usual
+                self.part_crc.update(chunk if n == len(chunk) else view[:n].tobytes())
             self.filled += n
             view = view[n:]
             # A full part goes up unless it is the last one (then commit() sends it).
             if self.filled == self.part_size and self.written - len(view) < self.size:
-                self._submit_part(self.part)
+                self._submit_part(self.part, self.part_crc)
                 self.part = None
+
+    def _new_part_crc(self) -> Any:
+        if not self.crc32c:
+            return None
+        import google_crc32c  # shipped with google-cloud-storage
+
+        return google_crc32c.Checksum()
 
     def _empty_part(self) -> bytearray:
         """A part buffer: a new one while fewer than window + 1 exist, else the next one an
@@ -3013,12 +3048,12 @@ class S3Upload:
         self._raise_failed_part()
         return buffer
 
-    def _submit_part(self, data: bytearray) -> None:
+    def _submit_part(self, data: bytearray, crc32c: Any = None) -> None:
         """Upload ``data`` as the next part; its buffer comes back to ``free`` when done. The
         part runs in this attempt's context, so a retry of it is logged with the event."""
         assert self.executor is not None
         run = contextvars.copy_context().run
-        future = self.executor.submit(run, self._upload_part, len(self.parts) + 1, data)
+        future = self.executor.submit(run, self._upload_part, len(self.parts) + 1, data, crc32c)
         future.add_done_callback(lambda done: self._part_done(done, data))
         self.parts.append(future)
 
@@ -3038,11 +3073,13 @@ class S3Upload:
                 _refuse_if_gone(self.ref, exc)
                 raise
 
-    def _upload_part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
+    def _upload_part(
+        self, number: int, data: bytes | bytearray, crc32c: Any = None
+    ) -> dict[str, Any]:
         """One part, retried on its own (sending it again replaces it), so a dropped
         connection does not send the whole object again. An upload that is gone (NoSuchUpload)
         is not: only a new attempt, with a new upload, can go on."""
-        checksum = _b64(hashlib.sha256(data).digest())
+        name, checksum = self._part_checksum(data, crc32c)
         retries = _request_retries()
         upload_exists = tenacity.retry_if_exception(lambda e: _aws_code(e) != "NoSuchUpload")
         retries = retries.copy(retry=retries.retry & upload_exists)
@@ -3054,10 +3091,19 @@ class S3Upload:
                     UploadId=self.upload_id,
                     PartNumber=number,
                     Body=data,
-                    ChecksumAlgorithm="SHA256",
-                    ChecksumSHA256=checksum,
+                    ChecksumAlgorithm=name.removeprefix("Checksum"),
+                    **{name: checksum},
                 )
-        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
+        return {"PartNumber": number, "ETag": response["ETag"], name: checksum}
+
+    @staticmethod
+    def _part_checksum(data: bytes | bytearray, crc32c: Any) -> tuple[str, str]:
+        """The part's checksum S3 checks on arrival, of the upload's algorithm: a CRC32C made
+        while the part was filled (google_crc32c reads only bytes, and a copy of each part
+        would double the part buffers), or its SHA-256."""
+        if crc32c is not None:
+            return "ChecksumCRC32C", _b64(crc32c.digest())
+        return "ChecksumSHA256", _b64(hashlib.sha256(data).digest())
 
     def commit(self, metadata: Mapping[str, str]) -> None:
         """``metadata`` is the verified final set; a multipart upload fixed its metadata at
@@ -3106,22 +3152,56 @@ class S3Upload:
     def _complete(self) -> None:
         if self.part is not None:  # the last part, shortened in place
             del self.part[self.filled :]
-            self._submit_part(self.part)
+            self._submit_part(self.part, self.part_crc)
             self.part = None
         try:
             parts = [future.result() for future in self.parts]  # raises the first failed part
         except RetryableError as exc:
             _refuse_if_gone(self.ref, exc)
             raise
-        with self._conditional():
-            self.client.complete_multipart_upload(
-                Bucket=self.ref.bucket,
-                Key=self.ref.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
-                **self.condition,
-            )
+        try:
+            with self._conditional():
+                self.client.complete_multipart_upload(
+                    Bucket=self.ref.bucket,
+                    Key=self.ref.key,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts},
+                    **self._whole_object_checksum(),
+                    **self.condition,
+                )
+        except CommitRefused as exc:
+            if _aws_code(exc.__cause__) != "NoSuchUpload" or not self._completed(parts):
+                raise
         self._stop_executor()
+
+    def _whole_object_checksum(self) -> dict[str, str]:
+        """The source's CRC32C of the whole object: S3 refuses (400 BadDigest) to complete an
+        upload whose parts put together have another, so no other bytes can become the object."""
+        if not self.crc32c:
+            return {}
+        return {"ChecksumCRC32C": _b64(bytes.fromhex(self.crc32c)), "ChecksumType": "FULL_OBJECT"}
+
+    def _completed(self, parts: Sequence[Mapping[str, Any]]) -> bool:
+        """A NoSuchUpload at the completion: is the object at the key this upload's? A
+        completion whose answer was lost is sent again by botocore, and S3 answers the repeat
+        NoSuchUpload: the upload is complete, so gone. Re-planning then counted our own commit
+        skipped (already_applied), under every --overwrite. Ours: the ETag S3 gives a
+        multipart object of exactly these parts (the MD5 of their ETags, "-<count>"), and this
+        event on record. Anything else (another delivery aborted us) re-plans as before."""
+        etags = [str(part["ETag"]).strip('"') for part in parts]
+        if not all(_PLAIN_MD5.match(etag) for etag in etags):
+            return False  # not the digests S3's multipart ETag is made of
+        digests = b"".join(bytes.fromhex(etag) for etag in etags)
+        etag = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+        try:
+            there = self.store.head(self.ref)
+        except PermanentError:
+            return False
+        return (
+            there is not None
+            and there.version.strip('"') == etag
+            and there.recorded(META_EVENT_ID) == self.metadata.get(META_EVENT_ID)
+        )
 
     @contextlib.contextmanager
     def _conditional(self) -> Iterator[None]:
@@ -4481,6 +4561,7 @@ def plan_skip(
     overwrite: str,
     *,
     latest: dt.datetime | None = None,
+    src: ObjectInfo | None = None,
 ) -> str | None:
     """Why the destination must not be written, or None to go ahead.
 
@@ -4488,14 +4569,14 @@ def plan_skip(
     a newer event must never be replaced by an older one, whatever the overwrite policy. A
     destination time after ``latest`` (the worker's clock plus the allowed skew) is ignored:
     anyone who can write the destination could otherwise block every later event with a
-    far-future time."""
+    far-future time. ``src`` (the source as planned) lets a destination that records the
+    source's CRC32C instead of a SHA-256 count as holding these bytes (_same_crc32c)."""
     if dst is None:
         return None
     dst_sha = dst.recorded(META_SHA256)
-    if (
-        dst.recorded(META_EVENT_ID) == event.event_id
-        and dst_sha
-        and (expected_sha256 in (None, dst_sha))
+    if dst.recorded(META_EVENT_ID) == event.event_id and (
+        (dst_sha and expected_sha256 in (None, dst_sha))
+        or (not (dst_sha and expected_sha256) and _same_crc32c(dst, src))
     ):
         return "already_applied"
     recorded = _recorded_order(dst)
@@ -4503,20 +4584,46 @@ def plan_skip(
         return "stale_event"
     if overwrite == "never":
         return "never_overwrite"
-    if overwrite == "different" and same_content(dst, expected_sha256, event):
+    if overwrite == "different" and same_content(dst, expected_sha256, event, src=src):
         return "same_content"
     return None
 
 
-def same_content(dst: ObjectInfo | None, sha256: str | None, event: TransferEvent) -> bool:
+def same_content(
+    dst: ObjectInfo | None,
+    sha256: str | None,
+    event: TransferEvent,
+    *,
+    src: ObjectInfo | None = None,
+) -> bool:
     """The destination holds these bytes already and records no event older than this one.
     Identical bytes from a newer event are written again: with only the older event on record,
     a later-arriving event older than this one would not be stale, and would replace the newest
-    bytes (the model test found it)."""
-    if dst is None or not sha256 or dst.recorded(META_SHA256) != sha256:
+    bytes (the model test found it). Where either side lacks the SHA-256, the recorded CRC32C
+    and source version stand for the bytes (_same_crc32c)."""
+    if dst is None:
+        return False
+    dst_sha = dst.recorded(META_SHA256)
+    if dst_sha and sha256:
+        if dst_sha != sha256:
+            return False
+    elif not _same_crc32c(dst, src):
         return False
     recorded = _recorded_order(dst)
     return not (recorded and recorded < _order(event))
+
+
+def _same_crc32c(dst: ObjectInfo, src: ObjectInfo | None) -> bool:
+    """The destination records the source's CRC32C and the very source version planned now
+    (its generation: GCS never reuses one for other bytes). A CRC32C alone is 32 bits, too
+    weak to call two objects equal; with the version, it confirms the record names them."""
+    if src is None or not src.revision:
+        return False
+    crc = dst.recorded(META_CRC32C)
+    same_version = all(
+        dst.recorded(META_SOURCE_ATTRIBUTE + name) == value for name, value in src.revision.items()
+    )
+    return bool(crc) and crc == src.checksums.get("crc32c") and same_version
 
 
 def _order(event: TransferEvent) -> tuple[dt.datetime, str]:
@@ -4539,7 +4646,11 @@ def _recorded_order(dst: ObjectInfo) -> tuple[dt.datetime, str] | None:
 def _is_record(name: str) -> bool:
     """One of the worker's own keys (exactly; a variant in case is not one: every name it
     records is lowercase, so transfer-worker-source-Expires is refused, not dropped)."""
-    return name in LEGACY_META or (name.startswith(META_SOURCE_ATTRIBUTE) and name.islower())
+    return (
+        name in LEGACY_META
+        or name == META_CRC32C
+        or (name.startswith(META_SOURCE_ATTRIBUTE) and name.islower())
+    )
 
 
 def carried_metadata(info: ObjectInfo, options: WriteOptions) -> dict[str, str]:
@@ -4652,6 +4763,12 @@ def _reread(
     raise SourceChanged(f"{ref.uri}: read again up to byte {offset}, expected {end}")
 
 
+def _with_sha256(metadata: Mapping[str, str], sha256: str) -> dict[str, str]:
+    """The record a commit that can still set metadata writes: the SHA-256, which makes the
+    CRC32C recorded in its place (TransferEngine._metadata) superfluous."""
+    return {**{k: v for k, v in metadata.items() if k != META_CRC32C}, META_SHA256: sha256}
+
+
 def refuse_unverifiable(event: TransferEvent, src: ObjectInfo) -> None:
     """--require-checksum: an event whose bytes nothing but this worker's reading would vouch
     for is dead-lettered before an upload is opened, so no destination object ever exists
@@ -4713,12 +4830,14 @@ class TransferEngine:
         plan = self._plan(event, src, dst)
         for _ in range(MAX_REPLANS):
             latest = self._latest_event_time()
-            skip = plan_skip(event, plan.dst, plan.sha256, self.overwrite, latest=latest)
+            skip = plan_skip(
+                event, plan.dst, plan.sha256, self.overwrite, latest=latest, src=plan.src
+            )
             if skip:
                 return TransferResult("skipped", sha256=plan.sha256, reason=skip)
             if self.require_checksum:
                 refuse_unverifiable(event, plan.src)
-            if plan.sha256 is None and plan.src.size > dst.late_metadata_limit:
+            if self._needs_prepass(plan, dst):
                 plan.sha256 = hash_source(src, event.source, plan.src, on_progress=on_progress)
             try:
                 return self._write(event, src, dst, plan, on_progress)
@@ -4728,6 +4847,16 @@ class TransferEngine:
             f"{event.destination.uri} changed under {MAX_REPLANS} conditional commits in a row",
             reason="conflict",
         )
+
+    @staticmethod
+    def _needs_prepass(plan: Plan, dst: ObjectStore) -> bool:
+        """A destination that fixes its metadata at upload start needs the SHA-256 for its
+        record before the stream: a read of the whole source first. Not where the destination
+        checks the source's own CRC32C at the commit (S3, FULL_OBJECT): then the record holds
+        that CRC32C, the source is read once, and the SHA-256 is computed on the way."""
+        if plan.sha256 is not None or plan.src.size <= dst.late_metadata_limit:
+            return False
+        return not (getattr(dst, "commits_crc32c", False) and "crc32c" in plan.src.checksums)
 
     @staticmethod
     def _plan(event: TransferEvent, src: ObjectStore, dst: ObjectStore) -> Plan:
@@ -4774,7 +4903,9 @@ class TransferEngine:
             digests = self._pump(src, event.source, plan.src, upload, on_progress)
             against = self._verify(event, plan.src, plan.sha256, digests)
             plan.sha256 = sha256 = digests["sha256"]  # a re-plan after a refusal knows it
-            if self.overwrite == "different" and same_content(plan.dst, sha256, event):
+            if self.overwrite == "different" and same_content(
+                plan.dst, sha256, event, src=plan.src
+            ):
                 upload.abort()
                 return TransferResult(
                     "skipped", sha256=sha256, reason="same_content", verified_against=against
@@ -4782,7 +4913,7 @@ class TransferEngine:
             resend = functools.partial(resend_lost, src, event.source, plan.src, upload)
             while True:  # each ResumeFrom is bounded by the upload
                 try:
-                    upload.commit({**metadata, META_SHA256: sha256})
+                    upload.commit(_with_sha256(metadata, sha256))
                     break
                 except ResumeFrom as resume:
                     resend(resume)
@@ -4812,7 +4943,10 @@ class TransferEngine:
             META_EVENT_TIME: event.timestamp.isoformat(),
             **{META_SOURCE_ATTRIBUTE + name: value for name, value in src.revision.items()},
         }
-        return {**metadata, META_SHA256: sha256} if sha256 else metadata
+        if sha256:
+            return {**metadata, META_SHA256: sha256}
+        crc32c = src.checksums.get("crc32c")  # what a destination checks instead, if it can
+        return {**metadata, META_CRC32C: crc32c} if crc32c else metadata
 
     @staticmethod
     def _pump(
