@@ -1568,10 +1568,17 @@ class LocalDeadLetters:
 
 
 def envelope_body(envelope: Mapping[str, Any]) -> bytes:
-    """The original message body stored in a dead-letter envelope."""
-    if envelope.get("body_encoding") == "base64":
-        return base64.b64decode(envelope["body"])
-    return str(envelope["body"]).encode("utf-8")
+    """The original message body stored in a dead-letter envelope. ValueError when the envelope
+    holds none that could be sent back as it was: a body that is not text, an encoding the
+    worker does not write, base64 that is not base64 (which b64decode would half-decode)."""
+    body, encoding = envelope.get("body"), envelope.get("body_encoding", "utf-8")
+    if not isinstance(body, str):
+        raise ValueError(f"its body is {type(body).__name__}, not text")
+    if encoding == "base64":
+        return base64.b64decode(body, validate=True)  # binascii.Error is a ValueError
+    if encoding != "utf-8":
+        raise ValueError(f"its body_encoding {encoding!r} is neither utf-8 nor base64")
+    return body.encode("utf-8")  # UnicodeEncodeError (a lone surrogate) is a ValueError
 
 
 def _body_fields(body: bytes) -> dict[str, str]:
@@ -1593,17 +1600,26 @@ def envelope_fields(envelope: Mapping[str, Any]) -> str:
     return json.dumps({k: v for k, v in envelope.items() if k not in ("body", "body_encoding")})
 
 
+# dlq's own reason for a dead letter whose envelope it cannot read (the worker never writes it).
+MALFORMED_ENVELOPE = "malformed_envelope"
+
+
 def dead_letter_envelope(body: bytes, message_id: str, fields: str | None = None) -> dict[str, Any]:
     """The envelope a dead-letter message carries. One carried beside its body (``fields``, from
     ENVELOPE_ATTRIBUTE) is put together again. A message that the queue's own policy moved (SQS
     maxReceiveCount, Pub/Sub max_delivery_attempts) is the original body itself: it gets an
-    envelope saying so."""
+    envelope saying so. One whose envelope cannot be read gets malformed_envelope(): raising
+    here stopped every list and redrive, on every run, at that one message."""
     if fields is not None:
-        return {**_body_fields(body), **json.loads(fields)}
+        return _beside(body, message_id, fields)
     doc: Any = None
     with contextlib.suppress(ValueError):
         doc = json.loads(body)
     if isinstance(doc, dict) and "body" in doc and "reason" in doc:
+        try:
+            envelope_body(doc)
+        except ValueError as exc:
+            return malformed_envelope(body, message_id, f"no body to send back: {exc}")
         return doc
     event_id = doc.get("eventId") if isinstance(doc, dict) else None
     return {
@@ -1611,6 +1627,32 @@ def dead_letter_envelope(body: bytes, message_id: str, fields: str | None = None
         "reason": "queue_delivery_limit",
         "message_id": message_id,
         "event_id": event_id.lower() if isinstance(event_id, str) else None,
+    }
+
+
+def _beside(body: bytes, message_id: str, fields: str) -> dict[str, Any]:
+    """The envelope of a body carried with its fields in ENVELOPE_ATTRIBUTE. The message's own
+    body wins over any "body" in the attribute (no worker writes one there)."""
+    try:
+        doc = json.loads(fields)
+    except ValueError as exc:
+        return malformed_envelope(body, message_id, f"{ENVELOPE_ATTRIBUTE} is not JSON: {exc}")
+    if not isinstance(doc, dict):
+        problem = f"{ENVELOPE_ATTRIBUTE} is not a JSON object"
+        return malformed_envelope(body, message_id, problem)
+    return {**doc, **_body_fields(body)}
+
+
+def malformed_envelope(raw: bytes, message_id: str, problem: str) -> dict[str, Any]:
+    """A dead letter whose envelope cannot be read: what is wrong, and the message body as it
+    came (text, else base64). ``dlq redrive`` leaves it on the dead-letter queue, since what it
+    would send is not known to be the producer's body; it is for a person to read and delete."""
+    return {
+        **_body_fields(raw),
+        "reason": MALFORMED_ENVELOPE,
+        "error": f"malformed envelope: {problem}",
+        "message_id": message_id,
+        "event_id": None,
     }
 
 
@@ -6340,14 +6382,27 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
             chosen = [e for e in entries if _chosen(e.envelope, args)]
             if args.dlq_command == "redrive":
                 return redrive(dead, chosen, target)
-            for entry in chosen:
-                # ASCII JSON: a key may hold C1 controls (a terminal's CSI) or a lone surrogate,
-                # which would break the line or the output's encoding; escaped they cannot.
-                print(json.dumps(dead_letter_line(entry.envelope)))
+            list_dead_letters(chosen)
             return 0
     except TransferError as exc:
         print(f"error: queue unreachable: {exc}", file=sys.stderr)
         return 1
+
+
+def list_dead_letters(entries: Sequence[DeadLetter]) -> None:
+    """One JSON line each; a warning on stderr when some envelopes cannot be read. The list is
+    complete all the same (exit 0): each such entry is in it, with what is wrong."""
+    for entry in entries:
+        # ASCII JSON: a key may hold C1 controls (a terminal's CSI) or a lone surrogate,
+        # which would break the line or the output's encoding; escaped they cannot.
+        print(json.dumps(dead_letter_line(entry.envelope)))
+    malformed = sum(e.envelope.get("reason") == MALFORMED_ENVELOPE for e in entries)
+    if malformed:
+        print(
+            f"warning: {malformed} dead letter(s) with a malformed envelope (reason "
+            f"{MALFORMED_ENVELOPE}): redrive leaves them; read and delete them by hand",
+            file=sys.stderr,
+        )
 
 
 def redrive(dead: DeadLetters, entries: Sequence[DeadLetter], target: Publisher | None) -> int:
@@ -6364,10 +6419,14 @@ def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None)
     """'' when done, else the entry's label (the failure is printed)."""
     envelope = entry.envelope
     label = envelope.get("event_id") or f"message {envelope.get('message_id')}"
+    try:
+        body = _sendable(envelope)
+    except ValueError as exc:
+        print(f"error: {label}: left on the dead-letter queue: {exc}", file=sys.stderr)
+        return str(label)
     if target is None:
         print(f"would redrive {label} ({envelope.get('reason')})", file=sys.stderr)
         return ""
-    body = envelope_body(envelope)
     try:
         target.publish(body, priority=peek_priority(body))
     except TransferError as exc:
@@ -6379,6 +6438,19 @@ def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None)
         print(f"error: {label}: sent, but still on the dead-letter queue: {exc}", file=sys.stderr)
         return str(label)
     return ""
+
+
+def _sendable(envelope: Mapping[str, Any]) -> bytes:
+    """The body a redrive sends back; ValueError, saying why, for an envelope that holds none
+    it could send as the producer's: a malformed envelope's raw body may be anything (an
+    envelope itself, which the worker would dead-letter as invalid_event), and the redrive
+    would then delete the only copy of what it was."""
+    if envelope.get("reason") == MALFORMED_ENVELOPE:
+        raise ValueError(str(envelope.get("error")))
+    try:
+        return envelope_body(envelope)
+    except ValueError as exc:
+        raise ValueError(f"malformed envelope: {exc}") from None
 
 
 # Buffers of this size and more are mapped, and unmapped when freed: the parts and the bodies of
