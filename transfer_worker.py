@@ -3774,6 +3774,17 @@ SQS_DELIVERIES = "transfer-worker-deliveries"
 SQS_HANDBACKS = "transfer-worker-handbacks"
 SQS_SENT = "transfer-worker-sent"  # the first copy's SentTimestamp (ms): queue lag counts from it
 SQS_LEASE_GONE = ("does not exist or is not available", "beyond the limit")
+SQS_MAX_RETENTION_MS = 14 * 86400 * 1000  # SQS keeps a message 14 days at most
+
+
+def _first_sent_ms(carried: int, own: int) -> int:
+    """The first copy's SentTimestamp that a hand-back copy carries (SQS_SENT), trusted only
+    where a first copy could have been sent: not after this copy's own SentTimestamp, not longer
+    before it than SQS keeps a message. Anyone who can send may set the attribute; outside that
+    window it would skew queue_lag_seconds, so the copy's own send time counts instead."""
+    if own and own - SQS_MAX_RETENTION_MS <= carried <= own:
+        return carried
+    return own
 
 
 def _sqs_receipt_gone(exc: BaseException | None) -> bool:
@@ -3850,7 +3861,7 @@ class SQSQueue:
             text = str(carried.get(name, {}).get("StringValue") or "0").strip()
             return int(text) if text.isascii() and text.isdigit() else 0
 
-        sent_ms = count(SQS_SENT) or int(attributes.get("SentTimestamp") or 0)
+        sent_ms = _first_sent_ms(count(SQS_SENT), int(attributes.get("SentTimestamp") or 0))
         return Message(
             body=item["Body"].encode("utf-8"),
             receive_count=int(attributes.get("ApproximateReceiveCount", 1)) + count(SQS_DELIVERIES),

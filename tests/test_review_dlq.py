@@ -6,6 +6,7 @@ emulator; the CLI runs as a subprocess where the finding is about what a user se
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -102,3 +103,35 @@ def test_an_envelope_attribute_cannot_replace_the_body_it_travels_with() -> None
     fields = json.dumps({"reason": "forbidden", "body": "forged", "body_encoding": "utf-8"})
     rebuilt = tw.dead_letter_envelope(body, "m1", fields)
     assert tw.envelope_body(rebuilt) == body and rebuilt["reason"] == "forbidden"
+
+
+# -- finding 3: a forged transfer-worker-sent skewed queue_lag_seconds ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("offset_ms", "trusted"),
+    [
+        (-3600_000, True),  # a hand-back an hour after the first send
+        (0, True),
+        (86400_000, False),  # a day in the future
+        (-15 * 86400_000, False),  # before SQS could have kept the first copy (14 days)
+    ],
+)
+def test_a_carried_send_time_is_trusted_only_where_a_first_copy_could_be(
+    aws_env: str, offset_ms: int, trusted: bool
+) -> None:
+    sqs = SQS()
+    config = tw.Config(queue=sqs.queue, visibility_timeout=30)
+    queue = tw.SQSQueue(config, tw.SQSPublisher(sqs.dlq, config, client=sqs.sqs), client=sqs.sqs)
+    carried = int(time.time() * 1000) + offset_ms
+    number = {"DataType": "Number", "StringValue": str(carried)}
+    sqs.sqs.send_message(
+        QueueUrl=sqs.queue, MessageBody="{}", MessageAttributes={tw.SQS_SENT: number}
+    )
+    [message] = queue.receive(1, 5)
+    assert message.sent_at is not None
+    if trusted:
+        assert message.sent_at == pytest.approx(carried / 1000, abs=0.001)
+    else:  # its own SentTimestamp: now, by the moto clock
+        assert abs(message.sent_at - time.time()) < 60
+    queue.ack(message)
