@@ -56,6 +56,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import warnings
 from collections.abc import (
     Callable,
     Generator,
@@ -3995,14 +3996,73 @@ class SQSPublisher:
         return str(response["MessageId"])
 
 
-def _first_of_each(entries: list[DeadLetter]) -> list[DeadLetter]:
-    seen: set[str] = set()
-    firsts = []
-    for entry in entries:
-        if entry.handle["message_id"] not in seen:
-            seen.add(entry.handle["message_id"])
-            firsts.append(entry)
-    return firsts
+class HeldEntries:
+    """The entries one dlq command holds, by message id, in the order first seen. A message seen
+    again (its hold lapsed and a later page brought it back) keeps its place with its LATEST
+    handle: SQS deletes a message received twice only by its latest receipt (by an earlier one
+    "the request succeeds, but the message might not be deleted"), so a redrive that kept the
+    first receipt left the message behind and the next run sent it again."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, DeadLetter] = {}
+        self._lock = threading.Lock()  # HoldRenewer reads while pages come in
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, page: Iterable[DeadLetter]) -> int:
+        """How many of the page's entries were not held before."""
+        fresh = 0
+        with self._lock:
+            for entry in page:
+                seen = self._by_id.setdefault(entry.handle["message_id"], entry)
+                if seen is entry:
+                    fresh += 1
+                else:
+                    seen.handle.update(entry.handle, removed=seen.handle["removed"])
+        return fresh
+
+    def fill(self, page: Callable[[int], list[DeadLetter]], limit: int, size: int) -> None:
+        """Pages of up to ``size`` until ``limit`` entries, or until a page brings nothing new
+        (an empty one, or only messages seen before: counting those would never end)."""
+        while len(self) < limit:
+            if not self.add(page(min(size, limit - len(self)))):
+                return
+
+    def entries(self) -> list[DeadLetter]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    def kept(self) -> list[DeadLetter]:
+        """The entries not removed: those whose hold is extended, then released."""
+        return [entry for entry in self.entries() if not entry.handle["removed"]]
+
+
+class HoldRenewer:
+    """Extends the hold of a dlq command's entries while it runs, every ``period`` seconds on one
+    named thread waiting on a stop event. Without it a list or redrive longer than the hold
+    (60 s: a thousand entries, a slow link) let its entries show again: to other readers, and to
+    its own later pages with new receipts. A renewal that fails is tried at the next beat; an
+    entry whose hold lapsed meanwhile comes back at worst, and HeldEntries keeps its latest
+    handle. Stopped (and joined) before the entries are released, or it would hide them again."""
+
+    def __init__(self, renew: Callable[[], None], period: float) -> None:
+        self._renew, self._period = renew, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dlq-hold", daemon=True)
+
+    def __enter__(self) -> HoldRenewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            with contextlib.suppress(TransferError):  # unreachable for now: the next beat
+                self._renew()
 
 
 def _attribute(item: Mapping[str, Any], name: str) -> str | None:
@@ -4013,9 +4073,10 @@ def _attribute(item: Mapping[str, Any], name: str) -> str | None:
 
 class SQSDeadLetters:
     """An SQS dead-letter queue as ``dlq`` reads it. Each page is received hidden for ``hold``
-    seconds, so that the next page brings other messages; when the command ends every message
-    not removed is made visible again at once (visibility 0). A reader killed midway leaves
-    them hidden for ``hold`` seconds, no longer."""
+    seconds, so that the next page brings other messages, and the hold of every entry not yet
+    removed is extended while the command runs (HoldRenewer); when it ends they are made visible
+    again at once (visibility 0). A reader killed midway leaves them hidden for ``hold`` seconds,
+    no longer."""
 
     hold = 60
 
@@ -4037,16 +4098,14 @@ class SQSDeadLetters:
 
     @contextlib.contextmanager
     def held(self, limit: int) -> Iterator[list[DeadLetter]]:
-        entries: list[DeadLetter] = []
+        entries = HeldEntries()
         try:
-            while len(entries) < limit:
-                page = self._page(min(10, limit - len(entries)))
-                if not page:
-                    break
-                entries += page
-            yield _first_of_each(entries)  # past `hold` a message comes back in a later page
+            with HoldRenewer(lambda: self._visibility(entries.kept(), self.hold), self.hold / 3):
+                entries.fill(self._page, limit, 10)
+                yield entries.entries()
         finally:
-            self._release(entries)
+            with contextlib.suppress(TransferError):  # they show again after `hold` anyway
+                self._visibility(entries.kept(), 0)
 
     def _page(self, count: int) -> list[DeadLetter]:
         with _translated(aws_error, "queue"):
@@ -4078,15 +4137,16 @@ class SQSDeadLetters:
             self.client.delete_message(QueueUrl=self.url, ReceiptHandle=entry.handle["receipt"])
         entry.handle["removed"] = True
 
-    def _release(self, entries: list[DeadLetter]) -> None:
-        for entry in entries:
-            if not entry.handle["removed"]:
-                with contextlib.suppress(Exception):  # it shows again after `hold` anyway
-                    self.client.change_message_visibility(
-                        QueueUrl=self.url,
-                        ReceiptHandle=entry.handle["receipt"],
-                        VisibilityTimeout=0,
-                    )
+    def _visibility(self, entries: list[DeadLetter], seconds: int) -> None:
+        """Ten at a time. An entry SQS refuses (removed meanwhile, its receipt superseded) is
+        listed in the answer's Failed, not raised: nothing is left to do for it."""
+        for start in range(0, len(entries), 10):
+            batch = [
+                {"Id": str(n), "ReceiptHandle": e.handle["receipt"], "VisibilityTimeout": seconds}
+                for n, e in enumerate(entries[start : start + 10])
+            ]
+            with _translated(aws_error, "queue"):
+                self.client.change_message_visibility_batch(QueueUrl=self.url, Entries=batch)
 
 
 # -- Pub/Sub ---------------------------------------------------------------------------------------
@@ -4349,11 +4409,19 @@ class PubSubPublisher:
 
 class PubSubDeadLetters:
     """The subscription on a Pub/Sub dead-letter topic as ``dlq`` reads it: unary pulls whose
-    messages are leased for ``hold`` seconds while the command runs, then released with an ack
-    deadline of 0 (deliverable again at once) unless removed (acknowledged)."""
+    messages are leased for ``hold`` seconds, the lease of every entry not yet removed extended
+    while the command runs (HoldRenewer), then released with an ack deadline of 0 (deliverable
+    again at once) unless removed (acknowledged).
+
+    Pages come from immediate pulls (``return_immediately``): a pull that may wait for messages
+    waits out its whole deadline when there are none, the emulator and the service alike, and
+    that cost every list and redrive 10 s (``pull_timeout``), on an empty subscription too. An
+    immediate pull may answer empty while messages wait (the API warns of it), so an empty one
+    is confirmed by one pull that waits, for ``end_wait`` seconds only."""
 
     hold = 60
-    pull_timeout = 10.0
+    pull_timeout = 10.0  # an immediate pull's deadline: it answers at once
+    end_wait = 2.0
 
     def __init__(self, subscription: str, *, subscriber: Any = None) -> None:
         from google.cloud import pubsub_v1
@@ -4363,37 +4431,41 @@ class PubSubDeadLetters:
 
     @contextlib.contextmanager
     def held(self, limit: int) -> Iterator[list[DeadLetter]]:
-        entries: dict[str, DeadLetter] = {}  # by message id: a lapsed lease may deliver twice
+        entries = HeldEntries()
         try:
-            while len(entries) < limit:
-                page = self._page(min(100, limit - len(entries)))
-                fresh = {k: v for k, v in page.items() if k not in entries}
-                if not fresh:
-                    break
-                entries.update(fresh)
-            yield list(entries.values())
+            with HoldRenewer(lambda: self._deadline(entries.kept(), self.hold), self.hold / 3):
+                entries.fill(self._page, limit, 100)
+                yield entries.entries()
         finally:
-            kept = [e.handle["ack_id"] for e in entries.values() if not e.handle["removed"]]
-            with contextlib.suppress(Exception):  # the lease lapses after `hold` anyway
-                self._deadline(kept, 0)
+            with contextlib.suppress(TransferError):  # the lease lapses after `hold` anyway
+                self._deadline(entries.kept(), 0)
 
-    def _page(self, count: int) -> dict[str, DeadLetter]:
+    def _page(self, count: int) -> list[DeadLetter]:
+        return self._pull(count, wait=False) or self._pull(count, wait=True)
+
+    def _pull(self, count: int, *, wait: bool) -> list[DeadLetter]:
         from google.api_core import exceptions as google_exceptions
 
         request = {"subscription": self.subscription, "max_messages": count}
-        with _translated(google_error, "queue"):
+        request["return_immediately"] = not wait
+        with _translated(google_error, "queue"), warnings.catch_warnings():
+            # the client warns that return_immediately is deprecated: see the class docstring
+            warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                response = self.subscriber.pull(request=request, timeout=self.pull_timeout)
+                timeout = self.end_wait if wait else self.pull_timeout
+                response = self.subscriber.pull(request=request, timeout=timeout)
             except google_exceptions.DeadlineExceeded:  # nothing came: the end of the list
-                return {}
-            self._deadline([r.ack_id for r in response.received_messages], self.hold)
-        return {r.message.message_id: self._entry(r) for r in response.received_messages}
+                return []
+        page = [self._entry(r) for r in response.received_messages]
+        self._deadline(page, self.hold)
+        return page
 
     @staticmethod
     def _entry(received: Any) -> DeadLetter:
         message = received.message
         envelope = dead_letter_envelope(bytes(message.data), message.message_id)
-        return DeadLetter(envelope, {"ack_id": received.ack_id, "removed": False})
+        handle = {"ack_id": received.ack_id, "message_id": message.message_id, "removed": False}
+        return DeadLetter(envelope, handle)
 
     def remove(self, entry: DeadLetter) -> None:
         request = {"subscription": self.subscription, "ack_ids": [entry.handle["ack_id"]]}
@@ -4401,15 +4473,16 @@ class PubSubDeadLetters:
             self.subscriber.acknowledge(request=request)
         entry.handle["removed"] = True
 
-    def _deadline(self, ack_ids: list[str], seconds: int) -> None:
-        if ack_ids:
-            self.subscriber.modify_ack_deadline(
-                request={
-                    "subscription": self.subscription,
-                    "ack_ids": ack_ids,
-                    "ack_deadline_seconds": seconds,
-                }
-            )
+    def _deadline(self, entries: list[DeadLetter], seconds: int) -> None:
+        if entries:
+            with _translated(google_error, "queue"):
+                self.subscriber.modify_ack_deadline(
+                    request={
+                        "subscription": self.subscription,
+                        "ack_ids": [e.handle["ack_id"] for e in entries],
+                        "ack_deadline_seconds": seconds,
+                    }
+                )
 
 
 def pubsub_topic_of(subscription: str, *, subscriber: Any = None) -> str:
