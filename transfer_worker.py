@@ -56,6 +56,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import warnings
 from collections.abc import (
     Callable,
     Generator,
@@ -1606,10 +1607,17 @@ class LocalDeadLetters:
 
 
 def envelope_body(envelope: Mapping[str, Any]) -> bytes:
-    """The original message body stored in a dead-letter envelope."""
-    if envelope.get("body_encoding") == "base64":
-        return base64.b64decode(envelope["body"])
-    return str(envelope["body"]).encode("utf-8")
+    """The original message body stored in a dead-letter envelope. ValueError when the envelope
+    holds none that could be sent back as it was: a body that is not text, an encoding the
+    worker does not write, base64 that is not base64 (which b64decode would half-decode)."""
+    body, encoding = envelope.get("body"), envelope.get("body_encoding", "utf-8")
+    if not isinstance(body, str):
+        raise ValueError(f"its body is {type(body).__name__}, not text")
+    if encoding == "base64":
+        return base64.b64decode(body, validate=True)  # binascii.Error is a ValueError
+    if encoding != "utf-8":
+        raise ValueError(f"its body_encoding {encoding!r} is neither utf-8 nor base64")
+    return body.encode("utf-8")  # UnicodeEncodeError (a lone surrogate) is a ValueError
 
 
 def _body_fields(body: bytes) -> dict[str, str]:
@@ -1673,17 +1681,26 @@ def _message_size(body: bytes, attributes: Mapping[str, str] | None) -> int:
     return len(body) + sum(extra)
 
 
+# dlq's own reason for a dead letter whose envelope it cannot read (the worker never writes it).
+MALFORMED_ENVELOPE = "malformed_envelope"
+
+
 def dead_letter_envelope(body: bytes, message_id: str, fields: str | None = None) -> dict[str, Any]:
     """The envelope a dead-letter message carries. One carried beside its body (``fields``, from
     ENVELOPE_ATTRIBUTE) is put together again. A message that the queue's own policy moved (SQS
     maxReceiveCount, Pub/Sub max_delivery_attempts) is the original body itself: it gets an
-    envelope saying so."""
+    envelope saying so. One whose envelope cannot be read gets malformed_envelope(): raising
+    here stopped every list and redrive, on every run, at that one message."""
     if fields is not None:
-        return {**_body_fields(body), **json.loads(fields)}
+        return _beside(body, message_id, fields)
     doc: Any = None
     with contextlib.suppress(ValueError):
         doc = json.loads(body)
     if isinstance(doc, dict) and "body" in doc and "reason" in doc:
+        try:
+            envelope_body(doc)
+        except ValueError as exc:
+            return malformed_envelope(body, message_id, f"no body to send back: {exc}")
         return doc
     event_id = doc.get("eventId") if isinstance(doc, dict) else None
     return {
@@ -1691,6 +1708,32 @@ def dead_letter_envelope(body: bytes, message_id: str, fields: str | None = None
         "reason": "queue_delivery_limit",
         "message_id": message_id,
         "event_id": event_id.lower() if isinstance(event_id, str) else None,
+    }
+
+
+def _beside(body: bytes, message_id: str, fields: str) -> dict[str, Any]:
+    """The envelope of a body carried with its fields in ENVELOPE_ATTRIBUTE. The message's own
+    body wins over any "body" in the attribute (no worker writes one there)."""
+    try:
+        doc = json.loads(fields)
+    except ValueError as exc:
+        return malformed_envelope(body, message_id, f"{ENVELOPE_ATTRIBUTE} is not JSON: {exc}")
+    if not isinstance(doc, dict):
+        problem = f"{ENVELOPE_ATTRIBUTE} is not a JSON object"
+        return malformed_envelope(body, message_id, problem)
+    return {**doc, **_body_fields(body)}
+
+
+def malformed_envelope(raw: bytes, message_id: str, problem: str) -> dict[str, Any]:
+    """A dead letter whose envelope cannot be read: what is wrong, and the message body as it
+    came (text, else base64). ``dlq redrive`` leaves it on the dead-letter queue, since what it
+    would send is not known to be the producer's body; it is for a person to read and delete."""
+    return {
+        **_body_fields(raw),
+        "reason": MALFORMED_ENVELOPE,
+        "error": f"malformed envelope: {problem}",
+        "message_id": message_id,
+        "event_id": None,
     }
 
 
@@ -3889,6 +3932,17 @@ SQS_DELIVERIES = "transfer-worker-deliveries"
 SQS_HANDBACKS = "transfer-worker-handbacks"
 SQS_SENT = "transfer-worker-sent"  # the first copy's SentTimestamp (ms): queue lag counts from it
 SQS_LEASE_GONE = ("does not exist or is not available", "beyond the limit")
+SQS_MAX_RETENTION_MS = 14 * 86400 * 1000  # SQS keeps a message 14 days at most
+
+
+def _first_sent_ms(carried: int, own: int) -> int:
+    """The first copy's SentTimestamp that a hand-back copy carries (SQS_SENT), trusted only
+    where a first copy could have been sent: not after this copy's own SentTimestamp, not longer
+    before it than SQS keeps a message. Anyone who can send may set the attribute; outside that
+    window it would skew queue_lag_seconds, so the copy's own send time counts instead."""
+    if own and own - SQS_MAX_RETENTION_MS <= carried <= own:
+        return carried
+    return own
 
 
 def _sqs_receipt_gone(exc: BaseException | None) -> bool:
@@ -3965,7 +4019,7 @@ class SQSQueue:
             text = str(carried.get(name, {}).get("StringValue") or "0").strip()
             return int(text) if text.isascii() and text.isdigit() else 0
 
-        sent_ms = count(SQS_SENT) or int(attributes.get("SentTimestamp") or 0)
+        sent_ms = _first_sent_ms(count(SQS_SENT), int(attributes.get("SentTimestamp") or 0))
         return Message(
             body=item["Body"].encode("utf-8"),
             receive_count=int(attributes.get("ApproximateReceiveCount", 1)) + count(SQS_DELIVERIES),
@@ -4086,14 +4140,73 @@ class SQSPublisher:
         return str(response["MessageId"])
 
 
-def _first_of_each(entries: list[DeadLetter]) -> list[DeadLetter]:
-    seen: set[str] = set()
-    firsts = []
-    for entry in entries:
-        if entry.handle["message_id"] not in seen:
-            seen.add(entry.handle["message_id"])
-            firsts.append(entry)
-    return firsts
+class HeldEntries:
+    """The entries one dlq command holds, by message id, in the order first seen. A message seen
+    again (its hold lapsed and a later page brought it back) keeps its place with its LATEST
+    handle: SQS deletes a message received twice only by its latest receipt (by an earlier one
+    "the request succeeds, but the message might not be deleted"), so a redrive that kept the
+    first receipt left the message behind and the next run sent it again."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, DeadLetter] = {}
+        self._lock = threading.Lock()  # HoldRenewer reads while pages come in
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, page: Iterable[DeadLetter]) -> int:
+        """How many of the page's entries were not held before."""
+        fresh = 0
+        with self._lock:
+            for entry in page:
+                seen = self._by_id.setdefault(entry.handle["message_id"], entry)
+                if seen is entry:
+                    fresh += 1
+                else:
+                    seen.handle.update(entry.handle, removed=seen.handle["removed"])
+        return fresh
+
+    def fill(self, page: Callable[[int], list[DeadLetter]], limit: int, size: int) -> None:
+        """Pages of up to ``size`` until ``limit`` entries, or until a page brings nothing new
+        (an empty one, or only messages seen before: counting those would never end)."""
+        while len(self) < limit:
+            if not self.add(page(min(size, limit - len(self)))):
+                return
+
+    def entries(self) -> list[DeadLetter]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    def kept(self) -> list[DeadLetter]:
+        """The entries not removed: those whose hold is extended, then released."""
+        return [entry for entry in self.entries() if not entry.handle["removed"]]
+
+
+class HoldRenewer:
+    """Extends the hold of a dlq command's entries while it runs, every ``period`` seconds on one
+    named thread waiting on a stop event. Without it a list or redrive longer than the hold
+    (60 s: a thousand entries, a slow link) let its entries show again: to other readers, and to
+    its own later pages with new receipts. A renewal that fails is tried at the next beat; an
+    entry whose hold lapsed meanwhile comes back at worst, and HeldEntries keeps its latest
+    handle. Stopped (and joined) before the entries are released, or it would hide them again."""
+
+    def __init__(self, renew: Callable[[], None], period: float) -> None:
+        self._renew, self._period = renew, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dlq-hold", daemon=True)
+
+    def __enter__(self) -> HoldRenewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            with contextlib.suppress(TransferError):  # unreachable for now: the next beat
+                self._renew()
 
 
 def _attribute(item: Mapping[str, Any], name: str) -> str | None:
@@ -4104,9 +4217,10 @@ def _attribute(item: Mapping[str, Any], name: str) -> str | None:
 
 class SQSDeadLetters:
     """An SQS dead-letter queue as ``dlq`` reads it. Each page is received hidden for ``hold``
-    seconds, so that the next page brings other messages; when the command ends every message
-    not removed is made visible again at once (visibility 0). A reader killed midway leaves
-    them hidden for ``hold`` seconds, no longer."""
+    seconds, so that the next page brings other messages, and the hold of every entry not yet
+    removed is extended while the command runs (HoldRenewer); when it ends they are made visible
+    again at once (visibility 0). A reader killed midway leaves them hidden for ``hold`` seconds,
+    no longer."""
 
     hold = 60
 
@@ -4128,16 +4242,14 @@ class SQSDeadLetters:
 
     @contextlib.contextmanager
     def held(self, limit: int) -> Iterator[list[DeadLetter]]:
-        entries: list[DeadLetter] = []
+        entries = HeldEntries()
         try:
-            while len(entries) < limit:
-                page = self._page(min(10, limit - len(entries)))
-                if not page:
-                    break
-                entries += page
-            yield _first_of_each(entries)  # past `hold` a message comes back in a later page
+            with HoldRenewer(lambda: self._visibility(entries.kept(), self.hold), self.hold / 3):
+                entries.fill(self._page, limit, 10)
+                yield entries.entries()
         finally:
-            self._release(entries)
+            with contextlib.suppress(TransferError):  # they show again after `hold` anyway
+                self._visibility(entries.kept(), 0)
 
     def _page(self, count: int) -> list[DeadLetter]:
         with _translated(aws_error, "queue"):
@@ -4169,15 +4281,16 @@ class SQSDeadLetters:
             self.client.delete_message(QueueUrl=self.url, ReceiptHandle=entry.handle["receipt"])
         entry.handle["removed"] = True
 
-    def _release(self, entries: list[DeadLetter]) -> None:
-        for entry in entries:
-            if not entry.handle["removed"]:
-                with contextlib.suppress(Exception):  # it shows again after `hold` anyway
-                    self.client.change_message_visibility(
-                        QueueUrl=self.url,
-                        ReceiptHandle=entry.handle["receipt"],
-                        VisibilityTimeout=0,
-                    )
+    def _visibility(self, entries: list[DeadLetter], seconds: int) -> None:
+        """Ten at a time. An entry SQS refuses (removed meanwhile, its receipt superseded) is
+        listed in the answer's Failed, not raised: nothing is left to do for it."""
+        for start in range(0, len(entries), 10):
+            batch = [
+                {"Id": str(n), "ReceiptHandle": e.handle["receipt"], "VisibilityTimeout": seconds}
+                for n, e in enumerate(entries[start : start + 10])
+            ]
+            with _translated(aws_error, "queue"):
+                self.client.change_message_visibility_batch(QueueUrl=self.url, Entries=batch)
 
 
 # -- Pub/Sub ---------------------------------------------------------------------------------------
@@ -4445,11 +4558,19 @@ class PubSubPublisher:
 
 class PubSubDeadLetters:
     """The subscription on a Pub/Sub dead-letter topic as ``dlq`` reads it: unary pulls whose
-    messages are leased for ``hold`` seconds while the command runs, then released with an ack
-    deadline of 0 (deliverable again at once) unless removed (acknowledged)."""
+    messages are leased for ``hold`` seconds, the lease of every entry not yet removed extended
+    while the command runs (HoldRenewer), then released with an ack deadline of 0 (deliverable
+    again at once) unless removed (acknowledged).
+
+    Pages come from immediate pulls (``return_immediately``): a pull that may wait for messages
+    waits out its whole deadline when there are none, the emulator and the service alike, and
+    that cost every list and redrive 10 s (``pull_timeout``), on an empty subscription too. An
+    immediate pull may answer empty while messages wait (the API warns of it), so an empty one
+    is confirmed by one pull that waits, for ``end_wait`` seconds only."""
 
     hold = 60
-    pull_timeout = 10.0
+    pull_timeout = 10.0  # an immediate pull's deadline: it answers at once
+    end_wait = 2.0
 
     def __init__(self, subscription: str, *, subscriber: Any = None) -> None:
         from google.cloud import pubsub_v1
@@ -4459,37 +4580,41 @@ class PubSubDeadLetters:
 
     @contextlib.contextmanager
     def held(self, limit: int) -> Iterator[list[DeadLetter]]:
-        entries: dict[str, DeadLetter] = {}  # by message id: a lapsed lease may deliver twice
+        entries = HeldEntries()
         try:
-            while len(entries) < limit:
-                page = self._page(min(100, limit - len(entries)))
-                fresh = {k: v for k, v in page.items() if k not in entries}
-                if not fresh:
-                    break
-                entries.update(fresh)
-            yield list(entries.values())
+            with HoldRenewer(lambda: self._deadline(entries.kept(), self.hold), self.hold / 3):
+                entries.fill(self._page, limit, 100)
+                yield entries.entries()
         finally:
-            kept = [e.handle["ack_id"] for e in entries.values() if not e.handle["removed"]]
-            with contextlib.suppress(Exception):  # the lease lapses after `hold` anyway
-                self._deadline(kept, 0)
+            with contextlib.suppress(TransferError):  # the lease lapses after `hold` anyway
+                self._deadline(entries.kept(), 0)
 
-    def _page(self, count: int) -> dict[str, DeadLetter]:
+    def _page(self, count: int) -> list[DeadLetter]:
+        return self._pull(count, wait=False) or self._pull(count, wait=True)
+
+    def _pull(self, count: int, *, wait: bool) -> list[DeadLetter]:
         from google.api_core import exceptions as google_exceptions
 
         request = {"subscription": self.subscription, "max_messages": count}
-        with _translated(google_error, "queue"):
+        request["return_immediately"] = not wait
+        with _translated(google_error, "queue"), warnings.catch_warnings():
+            # the client warns that return_immediately is deprecated: see the class docstring
+            warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                response = self.subscriber.pull(request=request, timeout=self.pull_timeout)
+                timeout = self.end_wait if wait else self.pull_timeout
+                response = self.subscriber.pull(request=request, timeout=timeout)
             except google_exceptions.DeadlineExceeded:  # nothing came: the end of the list
-                return {}
-            self._deadline([r.ack_id for r in response.received_messages], self.hold)
-        return {r.message.message_id: self._entry(r) for r in response.received_messages}
+                return []
+        page = [self._entry(r) for r in response.received_messages]
+        self._deadline(page, self.hold)
+        return page
 
     @staticmethod
     def _entry(received: Any) -> DeadLetter:
         message = received.message
         envelope = dead_letter_envelope(bytes(message.data), message.message_id)
-        return DeadLetter(envelope, {"ack_id": received.ack_id, "removed": False})
+        handle = {"ack_id": received.ack_id, "message_id": message.message_id, "removed": False}
+        return DeadLetter(envelope, handle)
 
     def remove(self, entry: DeadLetter) -> None:
         request = {"subscription": self.subscription, "ack_ids": [entry.handle["ack_id"]]}
@@ -4497,15 +4622,16 @@ class PubSubDeadLetters:
             self.subscriber.acknowledge(request=request)
         entry.handle["removed"] = True
 
-    def _deadline(self, ack_ids: list[str], seconds: int) -> None:
-        if ack_ids:
-            self.subscriber.modify_ack_deadline(
-                request={
-                    "subscription": self.subscription,
-                    "ack_ids": ack_ids,
-                    "ack_deadline_seconds": seconds,
-                }
-            )
+    def _deadline(self, entries: list[DeadLetter], seconds: int) -> None:
+        if entries:
+            with _translated(google_error, "queue"):
+                self.subscriber.modify_ack_deadline(
+                    request={
+                        "subscription": self.subscription,
+                        "ack_ids": [e.handle["ack_id"] for e in entries],
+                        "ack_deadline_seconds": seconds,
+                    }
+                )
 
 
 def pubsub_topic_of(subscription: str, *, subscriber: Any = None) -> str:
@@ -6604,14 +6730,27 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
             chosen = [e for e in entries if _chosen(e.envelope, args)]
             if args.dlq_command == "redrive":
                 return redrive(dead, chosen, target)
-            for entry in chosen:
-                # ASCII JSON: a key may hold C1 controls (a terminal's CSI) or a lone surrogate,
-                # which would break the line or the output's encoding; escaped they cannot.
-                print(json.dumps(dead_letter_line(entry.envelope)))
+            list_dead_letters(chosen)
             return 0
     except TransferError as exc:
         print(f"error: queue unreachable: {exc}", file=sys.stderr)
         return 1
+
+
+def list_dead_letters(entries: Sequence[DeadLetter]) -> None:
+    """One JSON line each; a warning on stderr when some envelopes cannot be read. The list is
+    complete all the same (exit 0): each such entry is in it, with what is wrong."""
+    for entry in entries:
+        # ASCII JSON: a key may hold C1 controls (a terminal's CSI) or a lone surrogate,
+        # which would break the line or the output's encoding; escaped they cannot.
+        print(json.dumps(dead_letter_line(entry.envelope)))
+    malformed = sum(e.envelope.get("reason") == MALFORMED_ENVELOPE for e in entries)
+    if malformed:
+        print(
+            f"warning: {malformed} dead letter(s) with a malformed envelope (reason "
+            f"{MALFORMED_ENVELOPE}): redrive leaves them; read and delete them by hand",
+            file=sys.stderr,
+        )
 
 
 def redrive(dead: DeadLetters, entries: Sequence[DeadLetter], target: Publisher | None) -> int:
@@ -6628,10 +6767,14 @@ def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None)
     """'' when done, else the entry's label (the failure is printed)."""
     envelope = entry.envelope
     label = envelope.get("event_id") or f"message {envelope.get('message_id')}"
+    try:
+        body = _sendable(envelope)
+    except ValueError as exc:
+        print(f"error: {label}: left on the dead-letter queue: {exc}", file=sys.stderr)
+        return str(label)
     if target is None:
         print(f"would redrive {label} ({envelope.get('reason')})", file=sys.stderr)
         return ""
-    body = envelope_body(envelope)
     try:
         target.publish(body, priority=peek_priority(body))
     except TransferError as exc:
@@ -6643,6 +6786,19 @@ def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None)
         print(f"error: {label}: sent, but still on the dead-letter queue: {exc}", file=sys.stderr)
         return str(label)
     return ""
+
+
+def _sendable(envelope: Mapping[str, Any]) -> bytes:
+    """The body a redrive sends back; ValueError, saying why, for an envelope that holds none
+    it could send as the producer's: a malformed envelope's raw body may be anything (an
+    envelope itself, which the worker would dead-letter as invalid_event), and the redrive
+    would then delete the only copy of what it was."""
+    if envelope.get("reason") == MALFORMED_ENVELOPE:
+        raise ValueError(str(envelope.get("error")))
+    try:
+        return envelope_body(envelope)
+    except ValueError as exc:
+        raise ValueError(f"malformed envelope: {exc}") from None
 
 
 # Buffers of this size and more are mapped, and unmapped when freed: the parts and the bodies of
