@@ -6389,7 +6389,7 @@ def dead_letter_table(config: Config, publisher: LocalQueue) -> LocalQueue:
         return publisher
     if _registered(PUBLISHERS, config.dead_letter) is not None:
         raise ValueError("--wait reads dead letters from a SQLite table, not from --dead-letter")
-    return local_queue(config, config.dead_letter)
+    return local_queue(config, local_path(config.dead_letter, PUBLISH_FORMS))
 
 
 class OutcomeWatch:
