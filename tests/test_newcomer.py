@@ -304,7 +304,15 @@ def test_submit_wait_prints_the_outcome_of_the_real_worker(tmp_path: Path) -> No
         ["submit", "--queue", "gs://bucket/queue", str(EXAMPLE)],
         ["run", "--once", "--queue", "projects/p/topics/t", "--http-port", "0"],
         ["run", "--once", "--dead-letter", "sqs://dlq", "--http-port", "0"],
-        ["submit", "--wait", "--dead-letter", "projects/p/topic/t", str(EXAMPLE)],
+        [
+            "submit",
+            "--wait",
+            "--wait-timeout",
+            "1",
+            "--dead-letter",
+            "projects/p/topic/t",
+            str(EXAMPLE),
+        ],
     ],
     ids=lambda command: " ".join(command[:3]),
 )
