@@ -6306,12 +6306,30 @@ def _registered(registry: Mapping[str, Any], spec: str) -> Any:
     return next((f for pattern, f in registry.items() if re.match(pattern, spec)), None)
 
 
+PUBLISH_FORMS = "an SQS queue URL (https://...), a Pub/Sub topic (projects/P/topics/T)"
+CONSUME_FORMS = (
+    "an SQS queue URL (https://...), a Pub/Sub subscription (projects/P/subscriptions/S)"
+)
+
+
 def build_publisher(spec: str, config: Config, clients: CloudClients | None = None) -> Any:
     """A Publisher for ``spec``: SQS queue URL, Pub/Sub topic path, or a SQLite queue path."""
     factory = _registered(PUBLISHERS, spec)
     if factory is None:
-        return local_queue(config, spec)
+        return local_queue(config, local_path(spec, PUBLISH_FORMS))
     return factory(spec, config, clients or CloudClients(config))
+
+
+def local_path(spec: str, forms: str) -> str:
+    """``spec`` as the path of a SQLite queue, unless it looks like a queue name of another form:
+    a scheme (`sqs:/...`, `gs://`) or a `projects/...` that is no topic or subscription. Taken
+    as a path, such a typo created a file and the events went nowhere anyone looked."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", spec) or spec.startswith("projects/"):
+        raise ValueError(
+            f"{spec!r} is not a queue the worker knows: give {forms}, or the path of a SQLite "
+            f"queue file (./{spec} if it really is a file)"
+        )
+    return spec
 
 
 def build_queue(config: Config, clients: CloudClients | None = None) -> MessageQueue:
@@ -6320,7 +6338,8 @@ def build_queue(config: Config, clients: CloudClients | None = None) -> MessageQ
     target = build_dead_letter_target(config, clients)
     factory = _registered(QUEUES, config.queue)
     if factory is None:
-        return local_queue(config, config.queue, dead_letter_target=target)
+        path = local_path(config.queue, CONSUME_FORMS)
+        return local_queue(config, path, dead_letter_target=target)
     if target is None:
         raise ValueError(
             "--dead-letter is required with a cloud queue (an SQS queue URL or projects/P/topics/T)"
@@ -6332,7 +6351,7 @@ def build_dead_letter_target(config: Config, clients: CloudClients) -> Publisher
     if not config.dead_letter:
         return None
     if _registered(PUBLISHERS, config.dead_letter) is None:
-        return LocalDeadLetters(local_queue(config, config.dead_letter))
+        return LocalDeadLetters(local_queue(config, local_path(config.dead_letter, PUBLISH_FORMS)))
     return build_publisher(config.dead_letter, config, clients)
 
 
@@ -6344,13 +6363,18 @@ def local_queue(config: Config, path: str = "", **kwargs: Any) -> LocalQueue:
     )
 
 
-# What each help line shows for a setting's value; a setting with choices shows them instead.
+# What each help line shows for a setting's value: a value name, never a type or a variable
+# name. A setting with choices shows them instead (the empty one, "the bucket's default", is
+# said in its help: `{,STANDARD,...}` read as a typo).
 METAVARS = {
     "local_root": "PATH",
     "queue": "QUEUE",
     "dead_letter": "TARGET",
     "dead_letter_subscription": "SUBSCRIPTION",
+    "concurrency": "N",
     "part_size": "BYTES",
+    "upload_window": "N",
+    "max_retries": "N",
     "chunk_size": "BYTES",
     "max_message_bytes": "BYTES",
     "http_host": "ADDRESS",
@@ -6360,9 +6384,13 @@ METAVARS = {
     "drain_timeout": "SECONDS",
     "backoff_initial": "SECONDS",
     "backoff_max": "SECONDS",
+    "unreachable_grace": "SECONDS",
+    "clock_skew": "SECONDS",
     "aws_role_arn": "ARN",
     "aws_role_audience": "AUDIENCE",
     "worker_id": "NAME",
+    "s3_kms_key_id": "KEY_ID",
+    "gcs_kms_key": "KEY_NAME",
 }
 SHOWN_DEFAULTS = {"worker_id": "<hostname>-<pid>"}  # the real one names this help's own process
 # The settings each command reads; `run` reads them all. submit reaches SQS with the worker's
@@ -6378,11 +6406,49 @@ COMMAND_SETTINGS = {
         *("aws_role_arn", "aws_role_audience"),
     ),
 }
+# A setting's help as another command than `run` uses it: the worker's own text said, in
+# validate, that a large body "is dead-lettered", which validate never does.
+COMMAND_HELP = {
+    "run": {
+        "dead_letter_subscription": "not used by run (accepted so that the worker and dlq can "
+        "share their settings): the subscription on the --dead-letter topic that dlq list and "
+        "dlq redrive read for Pub/Sub",
+    },
+    "submit": {
+        "local_root": "the local queue is <local-root>/queue.db when neither --to nor --queue "
+        "names a queue",
+        "queue": "where events go without --to: SQS queue URL, projects/P/topics/T or a SQLite "
+        "path (default: <local-root>/queue.db)",
+        "dead_letter": "--wait only: the SQLite path of the dead-letter table the worker writes "
+        "to (default: the local queue's own table)",
+        "max_message_bytes": "a larger body is refused (exit 2), since the worker would "
+        "dead-letter it as message_too_large; --no-validate enqueues it",
+        "aws_role_arn": "AWS role to assume with this pod's Google identity token, to reach SQS",
+    },
+    "validate": {
+        "max_message_bytes": "a larger body is invalid (exit 2): the worker's limit, over which "
+        "it dead-letters a message as message_too_large",
+    },
+    "dlq": {
+        "local_root": "the local dead-letter table is in <local-root>/queue.db when neither "
+        "--queue nor --dead-letter names another",
+        "queue": "the worker's --queue: SQS queue URL (its RedrivePolicy names the dead-letter "
+        "queue when --dead-letter is not given), projects/P/subscriptions/S or a SQLite path; "
+        "redrive sends the bodies back to it (default: <local-root>/queue.db)",
+        "dead_letter": "the worker's --dead-letter: SQS queue URL, projects/P/topics/T (read "
+        "through --dead-letter-subscription) or a SQLite path (default: the queue's own table)",
+        "dead_letter_subscription": "the subscription on the Pub/Sub --dead-letter topic that "
+        "list and redrive read (a topic keeps nothing without one); required for Pub/Sub",
+        "aws_role_arn": "AWS role to assume with this pod's Google identity token, to reach SQS",
+    },
+}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = ()) -> None:
-    """A flag for each of the named Config fields (all by default); its default comes from
-    TRANSFER_WORKER_<FIELD> when set."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, names: Iterable[str] = (), *, command: str = "run"
+) -> None:
+    """A flag for each of the named Config fields (all by default), its help as ``command``
+    uses it; its default comes from TRANSFER_WORKER_<FIELD> when set."""
     group = parser.add_argument_group("settings (flag, else environment variable, else default)")
     wanted = set(names)
     for field in dataclasses.fields(Config):
@@ -6400,18 +6466,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Iterable[str] =
             dest=field.name,
             type=kind,
             default=_env_default(env, kind, field.default),
-            metavar=None if choices else METAVARS.get(field.name, "N"),
+            metavar=_metavar(field.name, choices),
             choices=choices,
-            help=_setting_help(field, env),
+            help=_setting_help(field, env, COMMAND_HELP.get(command, {}).get(field.name)),
             **alone,
         )
 
 
-def _setting_help(field: dataclasses.Field[Any], env: str) -> str:
-    """The field's help, its default unless the help already says it or it is empty, its
-    environment variable."""
-    text = field.metadata["help"]
+def _metavar(name: str, choices: Sequence[str] | None) -> str:
+    if choices:
+        return "{" + ",".join(c for c in choices if c) + "}"
+    return METAVARS[name]  # a new setting names its value here
+
+
+def _setting_help(field: dataclasses.Field[Any], env: str, text: str | None = None) -> str:
+    """The field's help (or ``text``), its default unless the help already says it or it is
+    empty, its environment variable. A whole number of seconds reads 300, not 300.0."""
+    text = text or field.metadata["help"]
     default = SHOWN_DEFAULTS.get(field.name, field.default)
+    if isinstance(default, float):
+        default = f"{default:g}"
     if "default" in text or default == "":
         return f"{text} [env {env}]"
     return f"{text} (default: {default}) [env {env}]"
@@ -6447,7 +6521,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("file", metavar="FILE", help="a JSON object, a JSON array, or JSON lines")
         if name == "submit":
             add_submit_arguments(sub)
-        add_config_arguments(sub, COMMAND_SETTINGS[name])
+        add_config_arguments(sub, COMMAND_SETTINGS[name], command=name)
     add_dlq_parser(commands)
     return parser
 
@@ -6484,7 +6558,7 @@ def add_dlq_parser(commands: Any) -> None:
         )
         if name == "redrive":
             action.add_argument("--dry-run", action="store_true", help="say what would move")
-        add_config_arguments(action, COMMAND_SETTINGS["dlq"])
+        add_config_arguments(action, COMMAND_SETTINGS["dlq"], command="dlq")
 
 
 def add_submit_arguments(sub: argparse.ArgumentParser) -> None:
@@ -6503,7 +6577,8 @@ def add_submit_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--wait",
         action="store_true",
-        help="local queue only: print each event's outcome once the worker settled it; exit 0 "
+        help="local queue only: print each event's outcome once the worker settled it "
+        "(transferred DESTINATION, skipped (REASON) or dead-lettered (REASON): ERROR); exit 0 "
         "if all were transferred or skipped, 1 if any was dead-lettered, "
         f"{EXIT_WAIT_TIMEOUT} on --wait-timeout",
     )
@@ -6591,7 +6666,11 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
             "the worker's logs, its metrics or the dead-letter queue"
         )
     publisher = build_publisher(spec, config)
-    watch = OutcomeWatch(publisher, dead_letter_table(config, publisher)) if args.wait else None
+    watch = None
+    if args.wait:
+        dead_letters, outcomes = dead_letter_table(config, publisher), OutcomeLog(publisher.path)
+        watch = OutcomeWatch(publisher, dead_letters, outcomes=outcomes)
+        watch.follow(bodies)
     ids = [publisher.publish(body, priority=peek_priority(body)) for body in bodies]
     print(f"submitted {len(bodies)} message(s)", file=sys.stderr)
     if watch is None:
@@ -6600,6 +6679,98 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
 
 
 EXIT_WAIT_TIMEOUT = 3  # submit --wait: some events had no outcome yet when the wait ended
+OUTCOME_RETENTION = 86400.0  # seconds a followed event's row outlives a wait killed mid-way
+
+
+class OutcomeLog:
+    """Which way the worker ended the events a `submit --wait` follows, in a table of the local
+    queue's own file: the queue alone tells a settled message from a pending one, and a dead
+    letter from the rest, but not a transfer from a skip. Only followed events are written (a
+    read per transfer for the others), so the table holds no more than the waits under way."""
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS outcomes (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL,
+            outcome TEXT,
+            detail TEXT,
+            created_at REAL NOT NULL);
+        CREATE INDEX IF NOT EXISTS outcomes_event ON outcomes (event_id);
+    """
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = open_sqlite(Path(path))
+        self._db.executescript(self.SCHEMA)
+
+    def follow(self, event_ids: Iterable[str]) -> list[int]:
+        """One row per event to follow, written before the event is enqueued; rows that a
+        killed wait left behind go."""
+        now = self.clock()
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM outcomes WHERE created_at < ?", (now - OUTCOME_RETENTION,)
+            )
+            return [
+                int(
+                    self._db.execute(
+                        "INSERT INTO outcomes (event_id, created_at) VALUES (?, ?) RETURNING id",
+                        (event_id.lower(), now),
+                    ).fetchone()[0]
+                )
+                for event_id in event_ids
+            ]
+
+    def record(self, event_id: str, outcome: str, detail: str) -> None:
+        """A transfer is not overwritten by the skip of a later delivery (an ack lost after
+        the copy): the event was transferred."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT 1 FROM outcomes WHERE event_id = ? LIMIT 1", (event_id,)
+            ).fetchone()
+            if found:
+                self._db.execute(
+                    "UPDATE outcomes SET outcome = ?, detail = ? "
+                    "WHERE event_id = ? AND outcome IS NOT 'transferred'",
+                    (outcome, detail, event_id),
+                )
+
+    def read(self, rows: Iterable[int]) -> dict[str, tuple[str, str]]:
+        """event id -> (outcome, detail) of the followed rows that have one."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT event_id, outcome, detail FROM outcomes "
+                "WHERE outcome IS NOT NULL AND id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(rows)),),
+            ).fetchall()
+        return {event_id: (outcome, detail) for event_id, outcome, detail in found}
+
+    def forget(self, rows: Iterable[int]) -> None:
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM outcomes WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(rows)),),
+            )
+
+
+class RecordingEngine(TransferEngine):
+    """The engine of a worker on a local queue: each result also goes to the OutcomeLog, for a
+    `submit --wait` that may follow the event."""
+
+    def __init__(self, stores: Mapping[str, ObjectStore], *, outcomes: OutcomeLog, **kw: Any):
+        super().__init__(stores, **kw)
+        self.outcomes = outcomes
+
+    def transfer(
+        self, event: TransferEvent, *, on_progress: Callable[[int], None] = lambda n: None
+    ) -> TransferResult:
+        result = super().transfer(event, on_progress=on_progress)
+        if result.outcome == "skipped":
+            self.outcomes.record(event.event_id, "skipped", str(result.reason))
+        else:
+            self.outcomes.record(event.event_id, "transferred", event.destination.uri)
+        return result
 
 
 def dead_letter_table(config: Config, publisher: LocalQueue) -> LocalQueue:
@@ -6608,7 +6779,7 @@ def dead_letter_table(config: Config, publisher: LocalQueue) -> LocalQueue:
         return publisher
     if _registered(PUBLISHERS, config.dead_letter) is not None:
         raise ValueError("--wait reads dead letters from a SQLite table, not from --dead-letter")
-    return local_queue(config, config.dead_letter)
+    return local_queue(config, local_path(config.dead_letter, PUBLISH_FORMS))
 
 
 class OutcomeWatch:
@@ -6626,16 +6797,31 @@ class OutcomeWatch:
         sleep: Callable[[float], None] = time.sleep,
         poll_interval: float = 0.2,
         out: TextIO | None = None,
+        outcomes: OutcomeLog | None = None,
     ) -> None:
         self.queue, self.dead_letters = queue, dead_letters
         self.clock, self.sleep, self.poll_interval = clock, sleep, poll_interval
         self.out = out or sys.stdout
         self.baseline = dead_letters.last_dead_letter()  # older envelopes are not ours
+        self.outcomes, self.followed = outcomes, list[int]()
+
+    def follow(self, bodies: Iterable[bytes]) -> None:
+        """Before the bodies are enqueued: ask the worker to record how it ends them."""
+        if self.outcomes is not None:
+            ids = [event_id for body in bodies if (event_id := _peek_ids(body)[0])]
+            self.followed = self.outcomes.follow(ids)
 
     def wait(self, submitted: Mapping[int, bytes], *, timeout: float) -> int:
         """Print each outcome as it comes; 0 all done, 1 any dead-lettered, EXIT_WAIT_TIMEOUT
         when ``timeout`` seconds (0: no limit) pass first."""
-        waiting = dict(submitted)
+        try:
+            return self._wait(dict(submitted), timeout)
+        finally:
+            if self.outcomes is not None:
+                self.outcomes.forget(self.followed)
+
+    def _wait(self, waiting: dict[int, bytes], timeout: float) -> int:
+        total = len(waiting)
         deadline = self.clock() + timeout if timeout > 0 else float("inf")
         dead = 0
         while True:
@@ -6644,7 +6830,7 @@ class OutcomeWatch:
             if not waiting:
                 return 1 if dead else 0
             if self.clock() >= deadline:
-                return self._timed_out(len(waiting), len(submitted), timeout)
+                return self._timed_out(len(waiting), total, timeout)
             self.sleep(self.poll_interval)
 
     def _report(self, settled: Sequence[int], waiting: dict[int, bytes]) -> int:
@@ -6654,13 +6840,14 @@ class OutcomeWatch:
             (str(envelope.get("message_id")), envelope.get("event_id")): envelope
             for _, envelope in self.dead_letters.dead_letters_after(self.baseline)
         }
+        ended = self.outcomes.read(self.followed) if self.outcomes is not None else {}
         dead = 0
         for message_id in settled:
             event_id = _peek_ids(waiting.pop(message_id))[0]
             envelope = envelopes.get((str(message_id), event_id))
             label = event_id or f"message {message_id}"
             if envelope is None:
-                print(f"{label}: done (transferred or skipped)", file=self.out, flush=True)
+                print(f"{label}: {_ended(ended.get(event_id or ''))}", file=self.out, flush=True)
                 continue
             dead += 1
             reason, error = envelope.get("reason"), envelope.get("error")
@@ -6674,6 +6861,15 @@ class OutcomeWatch:
             file=sys.stderr,
         )
         return EXIT_WAIT_TIMEOUT
+
+
+def _ended(outcome: tuple[str, str] | None) -> str:
+    """How a settled event that was not dead-lettered ended; a worker that records no outcome
+    (an older version) leaves it open between the two."""
+    if outcome is None:
+        return "done (transferred or skipped)"
+    kind, detail = outcome
+    return f"transferred {detail}" if kind == "transferred" else f"skipped ({detail})"
 
 
 def build_dead_letters(config: Config, clients: CloudClients) -> DeadLetters:
@@ -6840,24 +7036,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         if isinstance(store, LocalObjectStore):
             store.sweep_temporary(max(3600.0, 2.0 * config.visibility_timeout))
     worker = Worker(
-        config,
-        queue,
-        TransferEngine(
-            stores,
-            overwrite=config.overwrite,
-            clock_skew=config.clock_skew,
-            options=WriteOptions.from_config(config),
-            require_checksum=config.require_checksum == "on",
-        ),
-        metrics,
-        log,
-        readiness=readiness,
+        config, queue, build_engine(config, stores, queue), metrics, log, readiness=readiness
     )
-    server = None
-    if config.http_port:
-        server, _ = start_http_server(
-            make_wsgi_app(metrics, readiness), config.http_port, host=config.http_host
-        )
+    server = serve_endpoints(config, metrics, readiness)
     install_signal_handlers(worker, log)
     try:
         worker.run(once=args.once)
@@ -6865,6 +7046,41 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
         if server is not None:
             server.shutdown()
     return 0
+
+
+def build_engine(
+    config: Config, stores: Mapping[str, ObjectStore], queue: MessageQueue
+) -> TransferEngine:
+    """The engine; on a local queue it records outcomes that a `submit --wait` follows."""
+    settings: dict[str, Any] = {
+        "overwrite": config.overwrite,
+        "clock_skew": config.clock_skew,
+        "options": WriteOptions.from_config(config),
+        "require_checksum": config.require_checksum == "on",
+    }
+    if isinstance(queue, LocalQueue):
+        return RecordingEngine(stores, outcomes=OutcomeLog(queue.path), **settings)
+    return TransferEngine(stores, **settings)
+
+
+def serve_endpoints(config: Config, metrics: Metrics, readiness: Readiness) -> Any:
+    """The HTTP server, or None with --http-port 0. A port another process holds (a second
+    worker on one machine) is a bad setting, exit 2 naming it: a bare "Address already in use"
+    did not say which of the worker's addresses it was."""
+    if not config.http_port:
+        return None
+    try:
+        server, _ = start_http_server(
+            make_wsgi_app(metrics, readiness), config.http_port, host=config.http_host
+        )
+    except OSError as exc:
+        hint = " (is another worker running?)" if exc.errno == errno.EADDRINUSE else ""
+        raise ValueError(
+            f"--http-port (TRANSFER_WORKER_HTTP_PORT) {config.http_port}: cannot listen on "
+            f"{config.http_host}:{config.http_port}: {exc.strerror or exc}{hint}; choose another "
+            "port, or 0 to serve no /health, /ready and /metrics"
+        ) from None
+    return server
 
 
 def install_signal_handlers(worker: Worker, log: Any) -> None:

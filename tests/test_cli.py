@@ -491,7 +491,8 @@ def test_submit_wait_against_a_running_worker(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert sorted(result.stdout.splitlines()) == sorted(
         [
-            f"{json.loads(good)['eventId']}: done (transferred or skipped)",
+            f"{json.loads(good)['eventId']}: transferred "
+            "gs://destination-data-bucket/imports/2024/01/file.parquet",
             f"{missing['eventId']}: dead-lettered (source_not_found): "
             "source s3://source-data-bucket/data/missing.parquet does not exist",
         ]
@@ -535,7 +536,10 @@ def test_readme_first_transfer_pasted_whole(installed: Path, tmp_path: Path) -> 
         stop(worker)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "550e8400-e29b-41d4-a716-446655440000: done (transferred or skipped)"
+    assert lines[0] == (
+        "550e8400-e29b-41d4-a716-446655440000: transferred "
+        "gs://destination-data-bucket/imports/2024/01/file.parquet"
+    )
     assert " 5000000 " in lines[1] and lines[1].endswith("imports/2024/01/file.parquet")
     assert lines[2] == (
         'transfer_success_total{destination_provider="gcp_gcs",source_provider="aws_s3"} 1.0'
