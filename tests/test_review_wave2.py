@@ -1,0 +1,138 @@
+"""Adversarial review, wave 2: the changes since b64bdc6 (one dead letter per delivery, the
+envelope's forms against a queue's limit, the GCS->S3 CRC32C multipart path, dlq's held entries
+and their renewer) and the earlier unreviewed parts (hand-back allowance, the SQS envelope
+attribute, the S3 NoSuchUpload re-plan, the local directory-fd walk and its fsync).
+
+Each test here demonstrates one finding and FAILS on the code it was written against: it is
+marked ``xfail(strict=True)`` so the branch stays green, and the mark goes when the fix lands
+(strict: a fix that makes it pass turns the run red until the mark is removed). Real servers
+(moto) where the behaviour is on the wire; no test sleeps without a bound."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import transfer_worker as tw
+from tests.test_queue_outage import Rig, copied, submit
+from tests.test_review_deadletter import SizedSends, bad_event, sqs, worker_on
+
+pytestmark = pytest.mark.timeout(180)
+
+KiB = 1024
+
+__all__ = ["sqs"]  # the fixture, imported so that pytest finds it here
+
+
+# -- finding A: a new key's directories are made and never synced (local commit, ADR 10) ----------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding A: the commit fsyncs only the key's own directory; the directories it made "
+    "(mkdir in _open_below, bucket.mkdir) are never synced in their parents, so a power loss can "
+    "drop the whole path of an acknowledged object",
+)
+def test_a_commit_that_makes_directories_syncs_each_new_entry_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination copy/in/data.bin is new: the commit makes gcp_gcs/dst, copy and copy/in.
+    The rename is made durable by fsync(copy/in), but copy/in's own entry lives in copy, and
+    copy's in dst, and neither directory is ever synced: after a power loss the file's directory
+    entry may survive in an inode nothing links to, and the object, acknowledged and deleted from
+    the queue, is gone ("nothing lost"). fsync(2): "Calling fsync() does not necessarily ensure
+    that the entry in the directory containing the file has also reached disk. For that an
+    explicit fsync() on a file descriptor for the directory is also needed." """
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    rig = Rig(tmp_path)
+    submit(rig, b"d" * 3000)
+    rig.worker.run(once=True)
+    assert copied(tmp_path, "in/data.bin") == b"d" * 3000
+    bucket = tmp_path / "gcp_gcs" / "dst"
+    made = [bucket / "copy" / "in", bucket / "copy", bucket]  # each new, its entry in the parent
+    assert str(made[0]) in synced  # the rename's directory: synced today
+    missing = [str(d.parent) for d in made if str(d.parent) not in synced]
+    assert missing == [], f"parents never synced: {missing}; synced: {synced}"
+
+
+# -- finding B: a body within ~450 bytes of SQS's limit can never be dead-lettered -----------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding B: when the body alone nearly fills the dead-letter queue's 256 KiB, every "
+    "form publish_envelope knows is over it, the smallest is sent anyway, SQS refuses it on every "
+    "delivery, and the reason is never recorded",
+)
+def test_an_invalid_event_just_under_the_queue_limit_is_dead_lettered_with_its_reason(
+    sqs: tuple[Any, str, str], tmp_path: Path
+) -> None:
+    """A producer's event of 256 KiB - 200 bytes, which the work queue (256 KiB) and the worker
+    (--max-message-bytes 256 KiB) both take, fails the schema. The attribute form without the
+    error is the body plus ~430 bytes of fields (reason, attempts, worker_id, time, message_id,
+    event_id, correlation_id, the ERROR_LEFT_OUT note): over 256 KiB. publish_envelope sends it
+    anyway, SQS answers InvalidParameterValue, the worker logs "Could not dead-letter" and leaves
+    the message for redelivery: on every delivery, until the queue's maxReceiveCount moves the
+    bare body without any reason (or, with no redrive policy, forever). Anyone who may send to the
+    work queue can make an event that is never dead-lettered with its reason."""
+    client, url, dlq = sqs
+    body = bad_event(256 * KiB - 200)
+    client.send_message(QueueUrl=url, MessageBody=body.decode())  # the work queue takes it
+    config = tw.Config(local_root=str(tmp_path), queue=url, http_port=0, visibility_timeout=30)
+    sends = SizedSends(client)
+    queue = tw.SQSQueue(config, tw.SQSPublisher(dlq, config, client=sends), client=client)
+    log = io.StringIO()
+    worker_on(config, queue, log).run(once=True)
+
+    assert all(size <= 256 * KiB for size in sends.sizes), (sends.sizes, log.getvalue()[-2000:])
+    with tw.SQSDeadLetters(dlq, client).held(10) as letters:
+        assert [letter.envelope["reason"] for letter in letters] == ["invalid_event"]
+        assert tw.envelope_body(letters[0].envelope) == body
+
+
+# -- finding C: the hold renewer dies at the first exception it was not told about -----------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding C: HoldRenewer suppresses only TransferError; anything else (an untranslated "
+    "SDK error: aws_error returns None for ParamValidationError, google_error for what it does "
+    "not know) ends its thread silently and no entry's hold is extended again",
+)
+def test_the_hold_renewer_survives_an_unexpected_error_and_renews_at_the_next_beat() -> None:
+    """A renewal that raises something other than a TransferError kills the dlq-hold thread (the
+    exception goes to threading.excepthook), __exit__ joins a dead thread without a word, and from
+    then on the command's entries lapse after `hold` (60 s): other readers see them, later pages
+    bring them back with new receipts, and an SQS delete by a superseded receipt "succeeds" without
+    deleting, so the next redrive sends them again. A renewer should log and carry on."""
+    calls: list[float] = []
+    renewed = threading.Event()
+
+    def renew() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("an SDK error nobody translated")
+        renewed.set()
+
+    hooked: list[Any] = []
+    previous_hook = threading.excepthook
+    threading.excepthook = hooked.append  # keep the dying thread's report out of the run
+    try:
+        with tw.HoldRenewer(renew, period=0.01):
+            renewed.wait(timeout=2.0)  # bounded: 200 beats
+    finally:
+        threading.excepthook = previous_hook
+    assert renewed.is_set(), f"renewals: {len(calls)}; thread died with {hooked}"
