@@ -136,3 +136,102 @@ def test_the_hold_renewer_survives_an_unexpected_error_and_renews_at_the_next_be
     finally:
         threading.excepthook = previous_hook
     assert renewed.is_set(), f"renewals: {len(calls)}; thread died with {hooked}"
+
+
+# -- finding D: a dead letter whose ack keeps failing is published again at every redelivery ---
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding D: one dead letter per delivery, not per message: while the ack fails, each "
+    "redelivery publishes another envelope, and dlq redrive then sends the one event back once "
+    "per copy",
+)
+def test_a_message_whose_ack_keeps_failing_leaves_one_dead_letter(tmp_path: Path) -> None:
+    """The worker publishes the envelope once and retries only the ack, for about one visibility
+    timeout. An ack that fails for longer (the queue's delete permission revoked, an endpoint
+    down) leaves the message in flight; its redelivery is dead-lettered again and publishes a
+    second envelope, the next a third: N deliveries, N dead letters of one message, and a redrive
+    sends the body back N times (against the promise that a redrive never sends twice). A redelivery
+    of a message already dead-lettered is recognisable (its message id is in the envelope)."""
+    from conftest import Clock
+    from tests.test_queue_outage import FailingQueue
+
+    clock = Clock()
+    dead = tw.LocalQueue(tmp_path / "dlq.db", clock=clock)
+    queue = FailingQueue(
+        tmp_path / "queue.db",
+        clock=clock,
+        poll_interval=0.01,
+        visibility_timeout=30,
+        dead_letter_target=tw.LocalDeadLetters(dead),
+    )
+    config = tw.Config(
+        local_root=str(tmp_path), http_port=0, visibility_timeout=30, backoff_max=8.0
+    )
+    worker = tw.Worker(
+        config,
+        queue,
+        tw.TransferEngine(tw.build_stores(config)),
+        tw.Metrics(),
+        tw.make_logger("DEBUG", io.StringIO()),
+        clock=clock,
+        sleep=lambda seconds: None,
+    )
+    queue.publish(b"not json")
+    queue.failures["ack"] = 10**6  # the ack never succeeds
+    for _ in range(3):  # three deliveries, each after the visibility timeout
+        worker.run(once=True)
+        clock.advance(31)
+    message_ids = [envelope["message_id"] for _, envelope in dead.dead_letters()]
+    assert queue.calls["dead_letter"] == 3  # each delivery did reach the dead-letter step
+    assert message_ids == ["1"], message_ids
+
+
+# -- finding E: the read side still resolves a local key by path, checked then used ---------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding E: head() and open_read() check each directory of the key with islink, then "
+    "lstat/open the path: a directory swapped for a symlink between the check and the use is "
+    "followed, and a file outside the source bucket is copied to the destination",
+)
+def test_a_source_directory_swapped_for_a_symlink_after_its_check_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 8 made the commit walk the key's directories by file descriptor; the read
+    side did not get it. Whoever can write the source bucket (the reason symlinks are refused at
+    all) swaps src/in for a symlink to a directory outside the bucket while the worker is between
+    _path()'s islink checks and its lstat()/open(): head() and open_read() then both see the
+    outside file, its stat matches, and its bytes land at the destination, readable to whoever
+    reads that bucket. The race is won here deterministically (the swap happens right after each
+    check, as an attacker looping rename() would at some point); the checks themselves are the
+    real ones."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "data.bin").write_bytes(b"SECRET, outside every bucket")
+    rig = Rig(root)
+    submit(rig, b"public bytes")
+    real, parked = root / "aws_s3" / "src" / "in", root / "aws_s3" / "src" / "in.real"
+
+    def swap(to_symlink: bool) -> None:
+        if to_symlink and not real.is_symlink():
+            real.rename(parked)
+            real.symlink_to(outside, target_is_directory=True)
+        elif not to_symlink and real.is_symlink():
+            real.unlink()
+            parked.rename(real)
+
+    original = tw.LocalObjectStore._path
+
+    def racing_path(store: tw.LocalObjectStore, ref: tw.ObjectRef) -> str:
+        swap(False)  # the checks see the real directory...
+        path = original(store, ref)
+        swap(ref.bucket == "src")  # ...and the use sees the attacker's symlink
+        return path
+
+    monkeypatch.setattr(tw.LocalObjectStore, "_path", racing_path)
+    rig.worker.run(once=True)
+    swap(False)
+    assert copied(root, "in/data.bin") != b"SECRET, outside every bucket"
