@@ -57,6 +57,7 @@ import time
 import urllib.parse
 import uuid
 import warnings
+import zlib
 from collections.abc import (
     Callable,
     Generator,
@@ -777,8 +778,11 @@ class Publisher(Protocol):
     # The largest message the target takes, in bytes of body and attributes (None: no limit), and
     # whether ``attributes`` may be that large (SQS message attributes count within the message
     # limit; Pub/Sub's are 1 KiB each). publish_envelope() picks a dead letter's form from these.
-    max_message_bytes: int | None
+    # A property, so that a publisher may learn its limit from its queue (SQSPublisher).
     carries_attributes: bool
+
+    @property
+    def max_message_bytes(self) -> int | None: ...
 
     def publish(
         self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
@@ -1606,18 +1610,50 @@ class LocalDeadLetters:
         self.queue.forget_dead_letter(entry.handle)
 
 
+# The body_encoding of a dead letter whose plain forms were all over its queue's limit: the body
+# compressed with zlib, then base64 (publish_envelope tries it last; events compress well).
+COMPRESSED_ENCODING = "zlib+base64"
+# The most a compressed body may give back when read: far above any queue's message limit
+# (Pub/Sub's 10 MB), so only a crafted message (a zlib bomb on the dead-letter queue) reaches it.
+COMPRESSED_BODY_LIMIT = 64 * MiB
+
+
 def envelope_body(envelope: Mapping[str, Any]) -> bytes:
     """The original message body stored in a dead-letter envelope. ValueError when the envelope
     holds none that could be sent back as it was: a body that is not text, an encoding the
-    worker does not write, base64 that is not base64 (which b64decode would half-decode)."""
+    worker does not write, base64 that is not base64 (which b64decode would half-decode), zlib
+    data that is cut short, followed by more, or larger than COMPRESSED_BODY_LIMIT."""
     body, encoding = envelope.get("body"), envelope.get("body_encoding", "utf-8")
     if not isinstance(body, str):
         raise ValueError(f"its body is {type(body).__name__}, not text")
     if encoding == "base64":
         return base64.b64decode(body, validate=True)  # binascii.Error is a ValueError
+    if encoding == COMPRESSED_ENCODING:
+        return _decompressed(base64.b64decode(body, validate=True))
     if encoding != "utf-8":
-        raise ValueError(f"its body_encoding {encoding!r} is neither utf-8 nor base64")
+        raise ValueError(f"its body_encoding {encoding!r} is not utf-8, base64 or zlib+base64")
     return body.encode("utf-8")  # UnicodeEncodeError (a lone surrogate) is a ValueError
+
+
+def _decompressed(data: bytes) -> bytes:
+    """Exactly one whole zlib stream, or ValueError (zlib.error is not one)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, COMPRESSED_BODY_LIMIT)
+    except zlib.error as exc:
+        raise ValueError(f"its zlib body does not decompress: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise ValueError(f"its zlib body gives more than {COMPRESSED_BODY_LIMIT} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("its zlib body is cut short or followed by other data")
+    return out
+
+
+def _compressed_fields(body: bytes) -> dict[str, str]:
+    """The body as COMPRESSED_ENCODING: level 9, since a dead letter is rare and every byte
+    under the queue's limit counts."""
+    text = base64.b64encode(zlib.compress(body, 9)).decode("ascii")
+    return {"body": text, "body_encoding": COMPRESSED_ENCODING}
 
 
 def _body_fields(body: bytes) -> dict[str, str]:
@@ -1648,18 +1684,45 @@ def _no_attributes(attributes: Mapping[str, str] | None) -> None:
 ERROR_LEFT_OUT = "(left out: with it the dead letter was over its queue's message limit)"
 
 
+class DeadLetterTooLarge(PermanentError):
+    """No form of a dead letter is within its target's stated limit: nothing was sent (review
+    wave 2, finding B). The worker logs it, counts it and leaves the message on its queue."""
+
+    def __init__(self, smallest: int, limit: int) -> None:
+        super().__init__(
+            f"the smallest form of the dead letter is {smallest} bytes, over the {limit} bytes "
+            "its queue takes (as its publisher states it)",
+            reason="dead_letter_too_large",
+        )
+        self.smallest, self.limit = smallest, limit
+
+
 def publish_envelope(target: Publisher, body: bytes, envelope: Mapping[str, Any]) -> None:
     """Send a dead letter once, in the first form within the target's stated limit (review
-    findings 1 and 7): the envelope as JSON; where the target carries attributes, the original
-    body with the other fields in ENVELOPE_ATTRIBUTE; then the same without the error text. If
-    none fits, the smallest goes anyway: the target's real limit may be larger than it states
-    (an SQS queue made since 2025 takes 1 MiB), and a refusal leaves the message to the queue's
-    own redrive policy rather than sending a message we know is too large for ever."""
+    findings 1 and 7, wave 2 finding B): the envelope as JSON; where the target carries
+    attributes, the original body with the other fields in ENVELOPE_ATTRIBUTE; then the same
+    without the error text. Only when none of these plain forms fits (anyone can read those as
+    they are), the envelope as JSON with the body compressed (zlib+base64), with the error and
+    without. If none fits, nothing is sent and DeadLetterTooLarge is raised: a queue that states
+    its real limit (SQSPublisher reads it) refuses such a message on every delivery (ADR 4)."""
+    payload, attributes = _chosen_form(body, envelope, target)
+    target.publish(payload, attributes=attributes)
+
+
+def _chosen_form(
+    body: bytes, envelope: Mapping[str, Any], target: Publisher
+) -> tuple[bytes, dict[str, str] | None]:
     forms = _envelope_forms(body, envelope, target.carries_attributes)
     limit = target.max_message_bytes
-    fitting = (form for form in forms if limit is None or _message_size(*form) <= limit)
-    payload, attributes = next(fitting, forms[-1])
-    target.publish(payload, attributes=attributes)
+    if limit is None:
+        return forms[0]
+    chosen = next((form for form in forms if _message_size(*form) <= limit), None)
+    if chosen is None:  # compressed only now: level 9 of up to a queue's limit takes a while
+        forms = _compressed_forms(body, envelope)
+        chosen = next((form for form in forms if _message_size(*form) <= limit), None)
+    if chosen is None:
+        raise DeadLetterTooLarge(min(_message_size(*form) for form in forms), limit)
+    return chosen
 
 
 def _envelope_forms(
@@ -1672,6 +1735,16 @@ def _envelope_forms(
         (json.dumps(envelope).encode("utf-8"), None),
         *((body, {ENVELOPE_ATTRIBUTE: envelope_fields(doc)}) for doc in (envelope, short)),
     ]
+
+
+def _compressed_forms(
+    body: bytes, envelope: Mapping[str, Any]
+) -> list[tuple[bytes, dict[str, str] | None]]:
+    """The JSON envelope with its body compressed, with the error and without: base64 has
+    nothing for JSON to escape, so no attribute form would be smaller."""
+    packed = _compressed_fields(body)
+    short = {**envelope, "error": ERROR_LEFT_OUT}
+    return [(json.dumps({**doc, **packed}).encode("utf-8"), None) for doc in (envelope, short)]
 
 
 def _message_size(body: bytes, attributes: Mapping[str, str] | None) -> int:
@@ -4108,7 +4181,8 @@ class SQSQueue:
 
 
 # SQS's long-standing message limit, body and attributes: a queue made before 2025 (or sized so)
-# takes no more; newer ones take 1 MiB.
+# takes no more; newer ones take 1 MiB. SQSPublisher states it only when it cannot read the
+# queue's own MaximumMessageSize.
 SQS_MESSAGE_LIMIT = 256 * 1024
 
 
@@ -4116,12 +4190,37 @@ class SQSPublisher:
     """SendMessage to one queue (dead-letter queue, ``submit --to``). SQS has no priorities:
     ``priority`` is ignored (use a queue per priority)."""
 
-    max_message_bytes: int | None = SQS_MESSAGE_LIMIT
     carries_attributes = True
 
     def __init__(self, url: str, config: Config, *, client: Any = None) -> None:
         self.url = url
         self.client = client or CloudClients(config).sqs(url)
+        self._limit: int | None = None
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The queue's MaximumMessageSize, read once, at the first dead letter (``submit`` never
+        asks). Where it cannot be read, SQS_MESSAGE_LIMIT: the role may have only sqs:SendMessage
+        on the dead-letter queue (terraform/ grants no more), and 256 KiB is what every queue took
+        until 2025 and what most still take. Stating more than the queue takes would send forms it
+        refuses on every delivery; stating less only costs the largest events their error text
+        or a compressed body. A refusal (denied) is kept; a transient failure is not, so the
+        next dead letter reads again."""
+        if self._limit is None:
+            try:
+                self._limit = self._queue_limit()
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the fallback applies
+                if isinstance(exc, TransferError) and exc.retryable:
+                    return SQS_MESSAGE_LIMIT
+                self._limit = SQS_MESSAGE_LIMIT
+        return self._limit
+
+    def _queue_limit(self) -> int:
+        with _translated(aws_error, "queue"):
+            answer = self.client.get_queue_attributes(
+                QueueUrl=self.url, AttributeNames=["MaximumMessageSize"]
+            )
+        return int(answer["Attributes"]["MaximumMessageSize"])
 
     def publish(
         self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
@@ -5198,6 +5297,13 @@ class Metrics:
             "Local commits done whose directory fsync failed: durable only once the disk syncs",
             registry=reg,
         )
+        self.dead_letters_too_large = Counter(
+            "dead_letters_too_large",
+            "Deliveries whose dead letter fits its queue in no form, by the event's reason: left "
+            "on the work queue for its redrive policy",
+            ("reason",),
+            registry=reg,
+        )
         self.queue_errors = Counter(
             "queue_errors",
             "Failed calls to the queue, by operation (each one is retried or left for redelivery)",
@@ -5803,6 +5909,8 @@ class Worker:
         """``call(*args)``, its failure counted and reported to /ready (QueueOutage)."""
         try:
             result = call(*args)
+        except DeadLetterTooLarge:
+            raise  # decided before anything was sent: the queue did not fail
         except Exception as exc:
             self.outage.failed(operation, exc)
             raise
@@ -6179,7 +6287,12 @@ class Worker:
         ack added a dead letter each time (review finding 3, on every queue). False when nothing
         was published: the message is left for redelivery."""
         publish = functools.partial(self.queue.dead_letter, message, envelope)
-        if not self._settle_quietly("dead_letter", publish):
+        try:
+            published = self._settle_quietly("dead_letter", publish)
+        except DeadLetterTooLarge as exc:
+            self._left_to_the_queue(message, envelope, exc, reason, log)
+            return False
+        if not published:
             log.error("Could not dead-letter; message left for redelivery", reason=reason)
             retry = functools.partial(self.queue.retry_later, message, self.config.backoff_max)
             self._settle_quietly("retry_later", retry, patient=False)
@@ -6190,6 +6303,32 @@ class Worker:
                 reason=reason,
             )
         return True
+
+    def _left_to_the_queue(
+        self,
+        message: Message,
+        envelope: Mapping[str, Any],
+        exc: DeadLetterTooLarge,
+        reason: str,
+        log: Any,
+    ) -> None:
+        """No form of the dead letter fits its queue (ADR 4): sending would be refused on every
+        delivery, and acking would lose the event. The message goes back as a worker that died
+        would leave it, after a visibility timeout, for the queue's own redrive policy
+        (maxReceiveCount, max_delivery_attempts) to move; each delivery logs CRITICAL, with the
+        reason the envelope could not carry, and counts."""
+        self.metrics.dead_letters_too_large.labels(reason).inc()
+        log.critical(
+            "Dead letter too large for its queue; message left for the queue's redrive policy",
+            reason=reason,
+            error=envelope["error"],
+            event_id=envelope.get("event_id"),
+            dead_letter_bytes=exc.smallest,
+            limit_bytes=exc.limit,
+        )
+        delay = float(self.config.visibility_timeout)
+        retry = functools.partial(self.queue.retry_later, message, delay)
+        self._settle_quietly("retry_later", retry, patient=False)
 
     def _settle_quietly(
         self, operation: str, settle: Callable[[], None], *, patient: bool = True
@@ -6209,6 +6348,8 @@ class Worker:
         )
         try:
             retrying(self._queue_call, operation, settle)
+        except DeadLetterTooLarge:
+            raise  # nothing was sent, and no retry would fit it: the caller decides
         except Exception as exc:  # noqa: BLE001 - see above; ShutdownRequested out of a backoff too
             self.log.error(
                 "Could not settle message with the queue",

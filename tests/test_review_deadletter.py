@@ -192,11 +192,12 @@ def test_a_wrapped_sqs_publisher_still_gets_the_attribute_form(
         assert tw.envelope_body(letters[0].envelope) == body.encode()
 
 
-def test_each_publisher_states_its_limit() -> None:
-    assert (tw.SQSPublisher.max_message_bytes, tw.SQSPublisher.carries_attributes) == (
-        256 * KiB,
-        True,
-    )
+def test_each_publisher_states_its_limit(sqs: tuple[Any, str, str]) -> None:
+    """SQS: the queue's own MaximumMessageSize (the fixture's 256 KiB; tests/
+    test_deadletter_size.py has a 1 MiB one)."""
+    client, _, dlq = sqs
+    publisher = tw.SQSPublisher(dlq, tw.Config(), client=client)
+    assert (publisher.max_message_bytes, publisher.carries_attributes) == (256 * KiB, True)
     assert tw.PubSubPublisher.max_message_bytes == 10_000_000
     assert tw.PubSubPublisher.carries_attributes is False
     assert tw.LocalQueue.max_message_bytes is None and tw.LocalDeadLetters.max_message_bytes is None

@@ -71,12 +71,6 @@ def test_a_commit_that_makes_directories_syncs_each_new_entry_in_its_parent(
 # -- finding B: a body within ~450 bytes of SQS's limit can never be dead-lettered -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding B: when the body alone nearly fills the dead-letter queue's 256 KiB, every "
-    "form publish_envelope knows is over it, the smallest is sent anyway, SQS refuses it on every "
-    "delivery, and the reason is never recorded",
-)
 def test_an_invalid_event_just_under_the_queue_limit_is_dead_lettered_with_its_reason(
     sqs: tuple[Any, str, str], tmp_path: Path
 ) -> None:
