@@ -379,6 +379,16 @@ data "aws_iam_policy_document" "worker" {
     resources = [aws_sqs_queue.dead_letter.arn]
   }
 
+  # The dead-letter queue's MaximumMessageSize, read once at the first dead letter: an envelope
+  # is sent in the first form that fits it (a queue made since 2025 takes 1 MiB). Without it the
+  # worker assumes 256 KiB and leaves out an error text a larger queue would have kept.
+  statement {
+    sid       = "DeadLetterLimit"
+    effect    = "Allow"
+    actions   = ["sqs:GetQueueAttributes"]
+    resources = [aws_sqs_queue.dead_letter.arn]
+  }
+
   # Opt-in: a missing source object is reported as source_not_found instead of access_denied.
   dynamic "statement" {
     for_each = var.s3_list_source_buckets ? ["SourceBucketsList"] : []

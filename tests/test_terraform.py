@@ -63,6 +63,9 @@ IDEMPOTENCY_AWS = {
 # Beyond the contract, always granted: a shutdown hand-back re-sends the body with its counts
 # (ADR.md 11), in a statement of its own, so the consuming statement never carries SendMessage.
 HAND_BACK_AWS = {("sqs:SendMessage", "queue")}
+# Beyond the contract, always granted: the dead-letter queue's MaximumMessageSize, so that a dead
+# letter goes in the first envelope form the queue takes (ADR.md 4).
+DEAD_LETTER_LIMIT_AWS = {("sqs:GetQueueAttributes", "dead_letter_queue")}
 # Beyond the contract, opt-in (variable -> pairs), every variable defaulting to false.
 OPT_IN_AWS = {
     "s3_list_source_buckets": {("s3:ListBucket", "source_buckets")},
@@ -92,6 +95,7 @@ EXPECTED_AWS_STATEMENTS = {
     ),
     "QueueHandBack": (["sqs:SendMessage"], "queue"),
     "DeadLetterSend": (["sqs:SendMessage"], "dead_letter_queue"),
+    "DeadLetterLimit": (["sqs:GetQueueAttributes"], "dead_letter_queue"),
 }
 # GCS: custom roles of one permission each, and which buckets each is bound on.
 EXPECTED_GCP_ROLES = {
@@ -247,7 +251,7 @@ def check_worker_policy(c: dict[str, Any]) -> None:
     for var in OPT_IN_AWS:
         assert c["variable"][var]["type"] == "bool", var
         assert c["variable"][var]["default"] is False, f"{var} must default to false"
-    assert worker_aws_grants(c) == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS
+    assert worker_aws_grants(c) == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | DEAD_LETTER_LIMIT_AWS
     # Each opt-in adds exactly its own pairs, and nothing else is reachable.
     matches = [_OPT_IN.fullmatch(d["statement"]["for_each"]) for d in doc.get("dynamic", [])]
     gated = {m.group(1) for m in matches if m}
@@ -259,12 +263,12 @@ def check_worker_policy(c: dict[str, Any]) -> None:
     for var, pairs in gates.items():
         assert (
             worker_aws_grants(c, frozenset({var}))
-            == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | pairs
+            == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | DEAD_LETTER_LIMIT_AWS | pairs
         )
     every = set().union(*gates.values())
     assert (
         worker_aws_grants(c, frozenset(gates))
-        == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | every
+        == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | DEAD_LETTER_LIMIT_AWS | every
     )
 
 
