@@ -191,12 +191,6 @@ def test_a_message_whose_ack_keeps_failing_leaves_one_dead_letter(tmp_path: Path
 # -- finding E: the read side still resolves a local key by path, checked then used ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding E: head() and open_read() check each directory of the key with islink, then "
-    "lstat/open the path: a directory swapped for a symlink between the check and the use is "
-    "followed, and a file outside the source bucket is copied to the destination",
-)
 def test_a_source_directory_swapped_for_a_symlink_after_its_check_is_not_followed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
