@@ -1144,15 +1144,19 @@ class LocalObjectStore:
         return f"{self._root}/{self.provider}/{ref.bucket}/{ref.key}"
 
     @contextlib.contextmanager
-    def _key_directory(self, ref: ObjectRef, *, create: bool = False) -> Iterator[tuple[int, str]]:
+    def _key_directory(
+        self, ref: ObjectRef, *, on_mkdir: OnMkdir | None = None
+    ) -> Iterator[tuple[int, str]]:
         """The directory of ``ref``'s file as a descriptor, opened from the bucket down, and the
         file's name in it. Every use works on that name in that directory: a directory checked by
         path, then swapped for a symlink, was followed out of the bucket by the path's use (review
-        finding 8 for commits, wave 2 finding E for reads). ``create``: make missing directories.
+        finding 8 for commits, wave 2 finding E for reads). ``on_mkdir``: see _open_key_directory.
         """
         self._path(ref)  # the key's own checks
         *directories, name = ref.key.split("/")
-        dir_fd = _open_key_directory(self.bucket_dir(ref.bucket), directories, ref, create=create)
+        dir_fd = _open_key_directory(
+            self.bucket_dir(ref.bucket), directories, ref, on_mkdir=on_mkdir
+        )
         try:
             yield dir_fd, name
         finally:
@@ -1241,7 +1245,7 @@ class LocalUpload:
                 fields = {**self.fields, "content-type": self.content_type}
                 record(version, {"fields": fields, "metadata": dict(metadata)})
                 self._put_in_place()
-                self._sync_directory()
+                self._sync_directory(self.dir_fd)
             self.store.metadata.forget_others(self.ref, version)
         except OSError as exc:
             self.abort()
@@ -1252,21 +1256,23 @@ class LocalUpload:
     @contextlib.contextmanager
     def _directory(self) -> Iterator[None]:
         """The key's directory (``dir_fd``, made where missing) and the file's name in it."""
-        with self.store._key_directory(self.ref, create=True) as opened:
+        with self.store._key_directory(self.ref, on_mkdir=self._sync_directory) as opened:
             self.dir_fd, self.name = opened
             yield
 
-    def _sync_directory(self) -> None:
-        """The rename must reach the disk before the lock is released. Once the file is in place
+    def _sync_directory(self, directory: int | Path) -> None:
+        """The rename, and the entry of each directory the commit made (in its parent: fsync(2)
+        syncs a directory's entries, not its own entry in its parent, so the object's whole path
+        could vanish), must reach the disk before the lock is released. Once the file is in place
         (with its record, written first) the commit HAS happened: readers see these bytes, so a
         failed fsync must neither abort (the record would disagree with nothing, the event would be
         dead-lettered with its bytes visible) nor fail the attempt. Its durability across a power
-        loss is then unknown, as is the last metadata.db commit's (synchronous=NORMAL): the error is
-        kept on the upload (``unsynced``) and the commit reported done (ADR 10)."""
+        loss is then unknown, as is the last metadata.db commit's (synchronous=NORMAL): the first
+        error is kept on the upload (``unsynced``) and the commit reported done (ADR 10)."""
         try:
-            _fsync_dir(self.dir_fd)
+            _fsync_dir(directory)
         except OSError as exc:
-            self.unsynced = exc
+            self.unsynced = self.unsynced or exc
 
     def _check_planned(self) -> None:
         """Under the commit lock: raise CommitRefused unless the destination is what the plan
@@ -1335,26 +1341,42 @@ def _refuse_non_file(name: str, dir_fd: int) -> None:
             raise FileExistsError(f"{name} exists and is not a regular file")
 
 
+# Told the parent (a descriptor, or a path above the bucket) of each directory a commit made.
+OnMkdir = Callable[[int | Path], None]
+
+
 def _open_key_directory(
-    bucket: Path, directories: list[str], ref: ObjectRef, *, create: bool = False
+    bucket: Path, directories: list[str], ref: ObjectRef, *, on_mkdir: OnMkdir | None = None
 ) -> int:
-    """The bucket, then each directory of the key opened from the one above it with O_NOFOLLOW
-    (and made when missing if ``create``): a symlink there is refused, never followed. Without
-    ``create`` (a read) a missing one is FileNotFoundError."""
-    if create:
-        bucket.mkdir(parents=True, exist_ok=True)
+    """The bucket, then each directory of the key opened from the one above it with O_NOFOLLOW:
+    a symlink there is refused, never followed. With ``on_mkdir`` (a commit) missing directories
+    are made, and on_mkdir is given the parent of each one made, whose new entry must reach the
+    disk too; without it (a read) nothing is made, and a missing one is FileNotFoundError."""
+    if on_mkdir is not None and not os.path.isdir(bucket):
+        _make_directories(bucket, on_mkdir)
     fd = os.open(bucket, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     for name in directories:
         if name:  # 'a//b' is a/b, as the path _path() gives it is to the system
-            fd = _open_below(fd, name, ref, create)
+            fd = _open_below(fd, name, ref, on_mkdir)
     return fd
 
 
-def _open_below(parent: int, name: str, ref: ObjectRef, create: bool) -> int:
+def _make_directories(path: Path, on_mkdir: OnMkdir) -> None:
+    """mkdir -p, giving on_mkdir the parent of each directory it made."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: its maker syncs it
+            directory.mkdir()
+            on_mkdir(directory.parent)
+
+
+def _open_below(parent: int, name: str, ref: ObjectRef, on_mkdir: OnMkdir | None) -> int:
     try:
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, dir_fd=parent)
+        if on_mkdir is not None:
+            _make_below(parent, name, on_mkdir)
         try:
             return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
         except NotADirectoryError:
@@ -1363,6 +1385,14 @@ def _open_below(parent: int, name: str, ref: ObjectRef, create: bool) -> int:
             raise
     finally:
         os.close(parent)
+
+
+def _make_below(parent: int, name: str, on_mkdir: OnMkdir) -> None:
+    try:
+        os.mkdir(name, dir_fd=parent)
+    except FileExistsError:
+        return
+    on_mkdir(parent)
 
 
 def _fsync_dir(path: str | Path | int) -> None:

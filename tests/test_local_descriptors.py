@@ -1,13 +1,19 @@
-"""The local store reaches a key through its directories' descriptors on the read side too
-(review wave 2, finding E; the reviewer's own test is in test_review_wave2.py)."""
+"""The local store reaches a key through its directories' descriptors on the read side too, and a
+commit syncs the entry of each directory it makes in that directory's parent (review wave 2,
+findings E and A; the reviewer's own tests are in test_review_wave2.py)."""
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import transfer_worker as tw
+from tests.test_queue_outage import Rig, copied, submit
 
 SRC = tw.ObjectRef("aws_s3", "src", "in/data.bin")
 SECRET = b"SECRET, outside every bucket"
@@ -79,3 +85,86 @@ def test_a_read_through_missing_or_file_directories_says_absent_or_changed(
     with pytest.raises(tw.SourceChanged, match="disappeared"):
         read_all(store, info)
     assert not (root / "aws_s3" / "src" / "in").exists()
+
+
+def recording_fsync(monkeypatch: pytest.MonkeyPatch, fail: Callable[[str], bool]) -> list[str]:
+    """What os.fsync is called on, by path, in order; ``fail(path)`` makes that one raise EIO."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append(path)
+        if fail(path):
+            raise OSError(errno.EIO, "Input/output error", path)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def commit(store: tw.LocalObjectStore, ref: tw.ObjectRef, data: bytes) -> tw.LocalUpload:
+    upload = store.open_write(ref, size=len(data), content_type="text/plain", metadata={})
+    upload.write(data)
+    upload.commit({})
+    return upload
+
+
+def without_temp(synced: list[str]) -> Iterator[str]:
+    return (path for path in synced if "/.tmp/" not in path)
+
+
+def test_a_commit_syncs_each_directory_it_made_in_its_parent_before_the_key_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a root with nothing below it, the commit makes gcp_gcs, the bucket, a and a/b: each
+    one's parent is synced right after its mkdir (before the link), then a/b for the link."""
+    store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
+    synced = recording_fsync(monkeypatch, lambda path: False)
+    upload = commit(store, tw.ObjectRef("gcp_gcs", "dst", "a/b/key"), b"new")
+    bucket = tmp_path / "gcp_gcs" / "dst"
+    made_in = [tmp_path, tmp_path / "gcp_gcs", bucket, bucket / "a", bucket / "a" / "b"]
+    assert list(without_temp(synced)) == [str(d) for d in made_in]
+    assert upload.unsynced is None and (bucket / "a" / "b" / "key").read_bytes() == b"new"
+
+
+def test_a_commit_into_existing_directories_syncs_only_the_file_and_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cost of the fix is paid once per new directory, never by later commits."""
+    store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
+    commit(store, tw.ObjectRef("gcp_gcs", "dst", "a/b/first"), b"1")
+    synced = recording_fsync(monkeypatch, lambda path: False)
+    commit(store, tw.ObjectRef("gcp_gcs", "dst", "a/b/second"), b"2")
+    assert len(synced) == 2 and "/.tmp/upload-" in synced[0]
+    assert synced[1] == str(tmp_path / "gcp_gcs" / "dst" / "a" / "b")
+
+
+def test_a_failed_sync_of_a_new_directory_is_kept_logged_and_counted_and_the_commit_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ADR 10's decision for the key directory's fsync holds for the parents' too: the bytes are
+    in place and acknowledged, the error is on the upload, one WARNING and one count."""
+    bucket = tmp_path / "gcp_gcs" / "dst"
+    recording_fsync(monkeypatch, lambda path: path == str(bucket))  # the parent of the new copy/
+    rig = Rig(tmp_path)
+    submit(rig, b"p" * 3000)
+    rig.worker.run(once=True)
+    assert copied(tmp_path, "in/data.bin") == b"p" * 3000
+    assert rig.queue.depth() == 0 and rig.dead_letters() == []
+    [warning] = rig.logs("Committed, but the directory fsync failed")
+    assert "Input/output error" in warning["error"] and str(bucket) in warning["error"]
+    assert rig.metric("local_fsync_failures_total") == 1
+    assert rig.logs("Transfer completed successfully")
+
+
+def test_a_failed_parent_sync_and_a_failed_key_directory_sync_keep_the_first_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One transfer, one report: the first failure is the one kept."""
+    store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
+    store.bucket_dir("dst").mkdir(parents=True)
+    recording_fsync(monkeypatch, lambda path: "/.tmp/" not in path)
+    upload: Any = commit(store, tw.ObjectRef("gcp_gcs", "dst", "new/key"), b"k")
+    assert upload.unsynced.filename == str(store.bucket_dir("dst"))
+    assert (store.bucket_dir("dst") / "new" / "key").read_bytes() == b"k"

@@ -33,12 +33,6 @@ __all__ = ["sqs"]  # the fixture, imported so that pytest finds it here
 # -- finding A: a new key's directories are made and never synced (local commit, ADR 10) ----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding A: the commit fsyncs only the key's own directory; the directories it made "
-    "(mkdir in _open_below, bucket.mkdir) are never synced in their parents, so a power loss can "
-    "drop the whole path of an acknowledged object",
-)
 def test_a_commit_that_makes_directories_syncs_each_new_entry_in_its_parent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
