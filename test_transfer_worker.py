@@ -1438,11 +1438,11 @@ class ChangingSourceStore(tw.LocalObjectStore):
 
     changes_left = 1
 
-    def _chunks(self, handle, path, ref, info):  # type: ignore[no-untyped-def]
-        for number, chunk in enumerate(super()._chunks(handle, path, ref, info)):
+    def _chunks(self, handle, entry, ref, info):  # type: ignore[no-untyped-def]
+        for number, chunk in enumerate(super()._chunks(handle, entry, ref, info)):
             if number == 0 and self.changes_left:
                 self.changes_left -= 1
-                with open(path, "r+b") as rewrite:
+                with open(self._path(ref), "r+b") as rewrite:
                     rewrite.write(b"Z" * 16)
             yield chunk
 

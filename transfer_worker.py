@@ -1013,10 +1013,8 @@ class LocalObjectStore:
         self.metadata = metadata or LocalMetadata(root)
 
     def head(self, ref: ObjectRef) -> ObjectInfo | None:
-        path = self._path(ref)
-        try:
-            st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
+        st = self._stat(ref)
+        if st is None:
             return None
         _refuse_symlink(st, ref)
         if not stat.S_ISREG(st.st_mode):
@@ -1033,32 +1031,49 @@ class LocalObjectStore:
         sha256 = info.recorded(META_SHA256)  # local mode trusts its own record
         return dataclasses.replace(info, checksums={"sha256": sha256}) if sha256 else info
 
+    def _stat(self, ref: ObjectRef) -> os.stat_result | None:
+        """The key's own entry (not what a symlink there points to), None where there is none."""
+        try:
+            with self._key_directory(ref) as (dir_fd, name):
+                return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     @contextlib.contextmanager
     def open_read(
         self, ref: ObjectRef, info: ObjectInfo, *, start: int = 0
     ) -> Iterator[Iterator[bytes]]:
-        path = self._path(ref)
-        try:  # O_NOFOLLOW: a symlink put in place of the file since head() is not followed
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with contextlib.ExitStack() as stack:
+            dir_fd, name, fd = self._open_source(ref, stack)
+            handle = stack.enter_context(open(fd, "rb", buffering=0))
+            if _stat_version(os.fstat(fd)) != info.version:
+                raise SourceChanged(f"{ref.uri} changed before it was read")
+            handle.seek(start)
+            yield self._chunks(handle, (dir_fd, name), ref, info)
+
+    def _open_source(self, ref: ObjectRef, stack: contextlib.ExitStack) -> tuple[int, str, int]:
+        """(the key's directory, the file's name in it, the file), the directory kept open on
+        ``stack``. O_NOFOLLOW: a symlink put in place of the file since head() is not followed.
+        Outside the read's yield, so that only these errors say the source changed."""
+        try:
+            dir_fd, name = stack.enter_context(self._key_directory(ref))
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
             raise SourceChanged(f"{ref.uri} disappeared before it was read") from None
         except OSError as exc:
             raise SourceChanged(f"{ref.uri} changed before it was read: {exc}") from None
-        with open(fd, "rb", buffering=0) as handle:
-            if _stat_version(os.fstat(fd)) != info.version:
-                raise SourceChanged(f"{ref.uri} changed before it was read")
-            handle.seek(start)
-            yield self._chunks(handle, path, ref, info)
+        return dir_fd, name, fd
 
     def _chunks(
-        self, handle: IO[bytes], path: str, ref: ObjectRef, info: ObjectInfo
+        self, handle: IO[bytes], entry: tuple[int, str], ref: ObjectRef, info: ObjectInfo
     ) -> Iterator[bytes]:
         while chunk := handle.read(self.chunk_size):
             yield chunk
         # Both the open file and the name must still be the version we started with: an in-place
         # write changes the mtime, a replacement changes the inode behind the name.
+        dir_fd, name = entry
         try:
-            current = _stat_version(os.lstat(path))
+            current = _stat_version(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
         except FileNotFoundError:
             current = "gone"
         if _stat_version(os.fstat(handle.fileno())) != info.version or current != info.version:
@@ -1123,21 +1138,33 @@ class LocalObjectStore:
         return self.root / self.provider / bucket
 
     def _path(self, ref: ObjectRef) -> str:
-        """The file of ``ref``. The key was already refused if it has '..', '.', a leading '/' or
-        a control character; what is left is a symlink inside the bucket pointing elsewhere, so
-        no directory below the bucket may be a symlink. The last component is checked where it
-        is used: head() refuses a symlink, reads open with O_NOFOLLOW, and a rename replaces a
-        symlink rather than following it."""
+        """The file of ``ref`` as a path (LocalUpload.path); uses reach it by _key_directory().
+        The key was already refused if it has '..', '.', a leading '/' or a control character;
+        what is left is a symlink inside the bucket pointing elsewhere, which _key_directory()
+        refuses in the key's directories. The last component is checked where it is used: head()
+        refuses a symlink, reads open with O_NOFOLLOW, a commit links or renames onto the name."""
         check_key(ref.key)
-        path = f"{self._root}/{self.provider}/{ref.bucket}"
-        parts = ref.key.split("/")
-        _check_name_lengths(ref, parts)
-        *directories, name = parts
-        for part in directories:
-            path = f"{path}/{part}"
-            if os.path.islink(path):
-                raise _symlink_error(ref)
-        return f"{path}/{name}"
+        _check_name_lengths(ref, ref.key.split("/"))
+        return f"{self._root}/{self.provider}/{ref.bucket}/{ref.key}"
+
+    @contextlib.contextmanager
+    def _key_directory(
+        self, ref: ObjectRef, *, on_mkdir: OnMkdir | None = None
+    ) -> Iterator[tuple[int, str]]:
+        """The directory of ``ref``'s file as a descriptor, opened from the bucket down, and the
+        file's name in it. Every use works on that name in that directory: a directory checked by
+        path, then swapped for a symlink, was followed out of the bucket by the path's use (review
+        finding 8 for commits, wave 2 finding E for reads). ``on_mkdir``: see _open_key_directory.
+        """
+        self._path(ref)  # the key's own checks
+        *directories, name = ref.key.split("/")
+        dir_fd = _open_key_directory(
+            self.bucket_dir(ref.bucket), directories, ref, on_mkdir=on_mkdir
+        )
+        try:
+            yield dir_fd, name
+        finally:
+            os.close(dir_fd)
 
 
 # Bytes in one path component on ext4, xfs, btrfs, tmpfs and overlayfs. A key may be 1,024 bytes
@@ -1222,7 +1249,7 @@ class LocalUpload:
                 fields = {**self.fields, "content-type": self.content_type}
                 record(version, {"fields": fields, "metadata": dict(metadata)})
                 self._put_in_place()
-                self._sync_directory()
+                self._sync_directory(self.dir_fd)
             self.store.metadata.forget_others(self.ref, version)
         except OSError as exc:
             self.abort()
@@ -1232,29 +1259,24 @@ class LocalUpload:
 
     @contextlib.contextmanager
     def _directory(self) -> Iterator[None]:
-        """The key's directory as a file descriptor, opened component by component (review
-        finding 8): every later step works on names inside it, so a directory swapped for a
-        symlink after a check is never followed out of the bucket."""
-        *directories, self.name = self.ref.key.split("/")
-        self.dir_fd = _open_key_directory(
-            self.store.bucket_dir(self.ref.bucket), directories, self.ref
-        )
-        try:
+        """The key's directory (``dir_fd``, made where missing) and the file's name in it."""
+        with self.store._key_directory(self.ref, on_mkdir=self._sync_directory) as opened:
+            self.dir_fd, self.name = opened
             yield
-        finally:
-            os.close(self.dir_fd)
 
-    def _sync_directory(self) -> None:
-        """The rename must reach the disk before the lock is released. Once the file is in place
+    def _sync_directory(self, directory: int | Path) -> None:
+        """The rename, and the entry of each directory the commit made (in its parent: fsync(2)
+        syncs a directory's entries, not its own entry in its parent, so the object's whole path
+        could vanish), must reach the disk before the lock is released. Once the file is in place
         (with its record, written first) the commit HAS happened: readers see these bytes, so a
         failed fsync must neither abort (the record would disagree with nothing, the event would be
         dead-lettered with its bytes visible) nor fail the attempt. Its durability across a power
-        loss is then unknown, as is the last metadata.db commit's (synchronous=NORMAL): the error is
-        kept on the upload (``unsynced``) and the commit reported done (ADR 10)."""
+        loss is then unknown, as is the last metadata.db commit's (synchronous=NORMAL): the first
+        error is kept on the upload (``unsynced``) and the commit reported done (ADR 10)."""
         try:
-            _fsync_dir(self.dir_fd)
+            _fsync_dir(directory)
         except OSError as exc:
-            self.unsynced = exc
+            self.unsynced = self.unsynced or exc
 
     def _check_planned(self) -> None:
         """Under the commit lock: raise CommitRefused unless the destination is what the plan
@@ -1323,21 +1345,42 @@ def _refuse_non_file(name: str, dir_fd: int) -> None:
             raise FileExistsError(f"{name} exists and is not a regular file")
 
 
-def _open_key_directory(bucket: Path, directories: list[str], ref: ObjectRef) -> int:
-    """The bucket, then each directory of the key opened from the one above it with O_NOFOLLOW
-    (and made when missing): a symlink there is refused, never followed."""
-    bucket.mkdir(parents=True, exist_ok=True)
+# Told the parent (a descriptor, or a path above the bucket) of each directory a commit made.
+OnMkdir = Callable[[int | Path], None]
+
+
+def _open_key_directory(
+    bucket: Path, directories: list[str], ref: ObjectRef, *, on_mkdir: OnMkdir | None = None
+) -> int:
+    """The bucket, then each directory of the key opened from the one above it with O_NOFOLLOW:
+    a symlink there is refused, never followed. With ``on_mkdir`` (a commit) missing directories
+    are made, and on_mkdir is given the parent of each one made, whose new entry must reach the
+    disk too; without it (a read) nothing is made, and a missing one is FileNotFoundError."""
+    if on_mkdir is not None and not os.path.isdir(bucket):
+        _make_directories(bucket, on_mkdir)
     fd = os.open(bucket, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     for name in directories:
         if name:  # 'a//b' is a/b, as the path _path() gives it is to the system
-            fd = _open_below(fd, name, ref)
+            fd = _open_below(fd, name, ref, on_mkdir)
     return fd
 
 
-def _open_below(parent: int, name: str, ref: ObjectRef) -> int:
+def _make_directories(path: Path, on_mkdir: OnMkdir) -> None:
+    """mkdir -p, giving on_mkdir the parent of each directory it made."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: its maker syncs it
+            directory.mkdir()
+            on_mkdir(directory.parent)
+
+
+def _open_below(parent: int, name: str, ref: ObjectRef, on_mkdir: OnMkdir | None) -> int:
     try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, dir_fd=parent)
+        if on_mkdir is not None:
+            _make_below(parent, name, on_mkdir)
         try:
             return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
         except NotADirectoryError:
@@ -1346,6 +1389,14 @@ def _open_below(parent: int, name: str, ref: ObjectRef) -> int:
             raise
     finally:
         os.close(parent)
+
+
+def _make_below(parent: int, name: str, on_mkdir: OnMkdir) -> None:
+    try:
+        os.mkdir(name, dir_fd=parent)
+    except FileExistsError:
+        return
+    on_mkdir(parent)
 
 
 def _fsync_dir(path: str | Path | int) -> None:

@@ -33,12 +33,6 @@ __all__ = ["sqs"]  # the fixture, imported so that pytest finds it here
 # -- finding A: a new key's directories are made and never synced (local commit, ADR 10) ----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding A: the commit fsyncs only the key's own directory; the directories it made "
-    "(mkdir in _open_below, bucket.mkdir) are never synced in their parents, so a power loss can "
-    "drop the whole path of an acknowledged object",
-)
 def test_a_commit_that_makes_directories_syncs_each_new_entry_in_its_parent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,12 +179,6 @@ def test_a_message_whose_ack_keeps_failing_leaves_one_dead_letter(tmp_path: Path
 # -- finding E: the read side still resolves a local key by path, checked then used ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding E: head() and open_read() check each directory of the key with islink, then "
-    "lstat/open the path: a directory swapped for a symlink between the check and the use is "
-    "followed, and a file outside the source bucket is copied to the destination",
-)
 def test_a_source_directory_swapped_for_a_symlink_after_its_check_is_not_followed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
