@@ -66,6 +66,7 @@ HAND_BACK_AWS = {("sqs:SendMessage", "queue")}
 # Beyond the contract, always granted: the dead-letter queue's MaximumMessageSize, so that a dead
 # letter goes in the first envelope form the queue takes (ADR.md 4).
 DEAD_LETTER_LIMIT_AWS = {("sqs:GetQueueAttributes", "dead_letter_queue")}
+ALWAYS_AWS = CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | DEAD_LETTER_LIMIT_AWS
 # Beyond the contract, opt-in (variable -> pairs), every variable defaulting to false.
 OPT_IN_AWS = {
     "s3_list_source_buckets": {("s3:ListBucket", "source_buckets")},
@@ -251,7 +252,7 @@ def check_worker_policy(c: dict[str, Any]) -> None:
     for var in OPT_IN_AWS:
         assert c["variable"][var]["type"] == "bool", var
         assert c["variable"][var]["default"] is False, f"{var} must default to false"
-    assert worker_aws_grants(c) == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | DEAD_LETTER_LIMIT_AWS
+    assert worker_aws_grants(c) == ALWAYS_AWS
     # Each opt-in adds exactly its own pairs, and nothing else is reachable.
     matches = [_OPT_IN.fullmatch(d["statement"]["for_each"]) for d in doc.get("dynamic", [])]
     gated = {m.group(1) for m in matches if m}
@@ -263,12 +264,12 @@ def check_worker_policy(c: dict[str, Any]) -> None:
     for var, pairs in gates.items():
         assert (
             worker_aws_grants(c, frozenset({var}))
-            == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | DEAD_LETTER_LIMIT_AWS | pairs
+            == ALWAYS_AWS | pairs
         )
     every = set().union(*gates.values())
     assert (
         worker_aws_grants(c, frozenset(gates))
-        == CONTRACT_AWS | IDEMPOTENCY_AWS | HAND_BACK_AWS | DEAD_LETTER_LIMIT_AWS | every
+        == ALWAYS_AWS | every
     )
 
 
