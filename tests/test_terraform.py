@@ -262,15 +262,9 @@ def check_worker_policy(c: dict[str, Any]) -> None:
         assert c["variable"][var]["default"] is None, f"{var} must default to null"
     gates = {**OPT_IN_AWS, **KEY_GATED_AWS}
     for var, pairs in gates.items():
-        assert (
-            worker_aws_grants(c, frozenset({var}))
-            == ALWAYS_AWS | pairs
-        )
+        assert worker_aws_grants(c, frozenset({var})) == ALWAYS_AWS | pairs
     every = set().union(*gates.values())
-    assert (
-        worker_aws_grants(c, frozenset(gates))
-        == ALWAYS_AWS | every
-    )
+    assert worker_aws_grants(c, frozenset(gates)) == ALWAYS_AWS | every
 
 
 def check_gcs_kms_grant(c: dict[str, Any]) -> None:
