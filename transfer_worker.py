@@ -4188,10 +4188,24 @@ class HoldRenewer:
     (60 s: a thousand entries, a slow link) let its entries show again: to other readers, and to
     its own later pages with new receipts. A renewal that fails is tried at the next beat; an
     entry whose hold lapsed meanwhile comes back at worst, and HeldEntries keeps its latest
-    handle. Stopped (and joined) before the entries are released, or it would hide them again."""
+    handle. Stopped (and joined) before the entries are released, or it would hide them again.
 
-    def __init__(self, renew: Callable[[], None], period: float) -> None:
+    Any exception fails only its beat: one that no adapter translates (botocore's
+    ParamValidationError, the ValueError of a closed gRPC channel) ended the thread, and every
+    hold lapsed without a word. The first failure of a streak is reported, and when the renewer
+    stops it says how many renewals failed: the command's user learns that its entries may have
+    shown to others."""
+
+    def __init__(
+        self,
+        renew: Callable[[], None],
+        period: float,
+        *,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
         self._renew, self._period = renew, period
+        self._report = report or _to_stderr
+        self.failures, self._failing = 0, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dlq-hold", daemon=True)
 
@@ -4202,11 +4216,34 @@ class HoldRenewer:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.failures:
+            self._report(
+                f"warning: {self.failures} renewal(s) of the dead letters' hold failed: other "
+                "readers may have seen them meanwhile, and one removed by this command may "
+                "still be on the dead-letter queue (a later redrive sends it again)"
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
-            with contextlib.suppress(TransferError):  # unreachable for now: the next beat
-                self._renew()
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self._renew()
+        except Exception as exc:  # noqa: BLE001 - any error fails one beat, never the thread
+            self.failures += 1
+            if not self._failing:
+                self._report(
+                    f"warning: the hold of the dead letters could not be extended ({exc!r}): "
+                    f"trying again every {self._period:g} s"
+                )
+            self._failing = True
+        else:
+            self._failing = False
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _attribute(item: Mapping[str, Any], name: str) -> str | None:

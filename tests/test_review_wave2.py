@@ -106,12 +106,6 @@ def test_an_invalid_event_just_under_the_queue_limit_is_dead_lettered_with_its_r
 # -- finding C: the hold renewer dies at the first exception it was not told about -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding C: HoldRenewer suppresses only TransferError; anything else (an untranslated "
-    "SDK error: aws_error returns None for ParamValidationError, google_error for what it does "
-    "not know) ends its thread silently and no entry's hold is extended again",
-)
 def test_the_hold_renewer_survives_an_unexpected_error_and_renews_at_the_next_beat() -> None:
     """A renewal that raises something other than a TransferError kills the dlq-hold thread (the
     exception goes to threading.excepthook), __exit__ joins a dead thread without a word, and from

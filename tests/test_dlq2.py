@@ -1,0 +1,91 @@
+"""The dlq reading side after review wave 2: copies of one message's dead letter go back once, the
+hold renewer outlives any error and says so, Pub/Sub deadlines go in the client library's
+batches, and a --queue / --dead-letter of an unknown form is refused. Real servers (moto's SQS,
+Google's Pub/Sub emulator) where the behaviour is on the wire; the CLI as a subprocess where the
+finding is about what a user sees. No test waits without a bound."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+
+import transfer_worker as tw
+from tests.test_dlq import SQS, poison_event
+from tests.test_review_dlq import envelope, pubsub_dead
+
+pytestmark = pytest.mark.timeout(240)
+
+__all__ = ["pubsub_dead"]  # the fixture, imported so that pytest finds it here
+
+
+def copy_of(body: bytes, message_id: str, **extra: Any) -> str:
+    """A dead letter of message ``message_id`` as the worker writes it, as JSON."""
+    return json.dumps(envelope(body, message_id=message_id, **extra))
+
+
+# -- the hold renewer: any error fails one beat, reported once per streak -------------------------
+
+
+def test_the_renewer_reports_each_streak_of_failures_once_and_counts_them_at_the_end() -> None:
+    outcomes = [ValueError("Cannot invoke RPC on closed channel!")] * 3 + [None]
+    outcomes += [RuntimeError("untranslated")] * 2
+    done = threading.Event()
+
+    def renew() -> None:
+        if not outcomes:
+            done.set()
+            return
+        if (outcome := outcomes.pop(0)) is not None:
+            raise outcome
+
+    reports: list[str] = []
+    with tw.HoldRenewer(renew, period=0.01, report=reports.append):
+        assert done.wait(timeout=5.0)  # bounded: 500 beats
+    assert len(reports) == 3, reports  # two streaks, then the summary
+    assert "closed channel" in reports[0] and "untranslated" in reports[1]
+    assert reports[2].startswith("warning: 5 renewal(s)")
+
+
+class VisibilityRefused:
+    """The real SQS client, whose renewals (a visibility other than 0) raise botocore's own
+    ParamValidationError, which aws_error does not translate, until ``failures`` are spent."""
+
+    def __init__(self, client: Any, failures: int) -> None:
+        self.client, self.failures = client, failures
+        self.refused = threading.Event()
+
+    def change_message_visibility_batch(self, **kwargs: Any) -> Any:
+        from botocore.exceptions import ParamValidationError
+
+        renewal = any(e["VisibilityTimeout"] for e in kwargs["Entries"])
+        if renewal and self.failures > 0:
+            self.failures -= 1
+            if not self.failures:
+                self.refused.set()
+            raise ParamValidationError(report="Invalid type for parameter Entries")
+        return self.client.change_message_visibility_batch(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_an_sqs_list_whose_renewals_fail_warns_and_still_releases(
+    aws_env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sqs = SQS()
+    body = poison_event("b-1")
+    sqs.sqs.send_message(QueueUrl=sqs.dlq, MessageBody=copy_of(body, "m1"))
+    client = VisibilityRefused(sqs.sqs, failures=2)
+    dead = tw.SQSDeadLetters(sqs.dlq, client)
+    dead.hold = 1  # a beat every 1/3 s
+    with dead.held(10) as entries:
+        assert client.refused.wait(timeout=10.0)
+        tw.list_dead_letters(entries)
+    err = capsys.readouterr().err
+    assert err.count("could not be extended") == 1 and "ParamValidationError" in err
+    assert "warning: 2 renewal(s) of the dead letters' hold failed" in err
+    visible = sqs.sqs.receive_message(QueueUrl=sqs.dlq, MaxNumberOfMessages=10)
+    assert [m["Body"] for m in visible.get("Messages", [])] == [copy_of(body, "m1")]
