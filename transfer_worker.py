@@ -4336,6 +4336,9 @@ class SQSDeadLetters:
 PUBSUB_SUBSCRIPTION = r"^projects/[^/]+/subscriptions/[^/]+$"
 PUBSUB_TOPIC = r"^projects/[^/]+/topics/[^/]+$"
 PUBSUB_MAX_DEADLINE = 600  # seconds: Pub/Sub accepts ack deadlines of 10 to 600 s
+# ack ids in one Acknowledge or ModifyAckDeadline: google-cloud-pubsub's own batch size
+# (_ACK_IDS_BATCH_SIZE in subscriber/_protocol/dispatcher.py, private, so not imported)
+PUBSUB_ACK_IDS_BATCH = 1000
 
 
 def _pubsub_ack_id_invalid(exc: BaseException | None) -> bool:
@@ -4660,15 +4663,17 @@ class PubSubDeadLetters:
         entry.handle["removed"] = True
 
     def _deadline(self, entries: list[DeadLetter], seconds: int) -> None:
-        if entries:
+        """PUBSUB_ACK_IDS_BATCH ack ids a request, as the client library sends them itself: the
+        service may refuse a larger request, and one renewal carried every entry held."""
+        ack_ids = [e.handle["ack_id"] for e in entries]
+        for start in range(0, len(ack_ids), PUBSUB_ACK_IDS_BATCH):
+            request = {
+                "subscription": self.subscription,
+                "ack_ids": ack_ids[start : start + PUBSUB_ACK_IDS_BATCH],
+                "ack_deadline_seconds": seconds,
+            }
             with _translated(google_error, "queue"):
-                self.subscriber.modify_ack_deadline(
-                    request={
-                        "subscription": self.subscription,
-                        "ack_ids": [e.handle["ack_id"] for e in entries],
-                        "ack_deadline_seconds": seconds,
-                    }
-                )
+                self.subscriber.modify_ack_deadline(request=request)
 
 
 def pubsub_topic_of(subscription: str, *, subscriber: Any = None) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 import transfer_worker as tw
 from tests.test_dlq import SQS, poison_event
-from tests.test_review_dlq import envelope, pubsub_dead
+from tests.test_review_dlq import envelope, pubsub_dead, pulled_now
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -89,3 +89,40 @@ def test_an_sqs_list_whose_renewals_fail_warns_and_still_releases(
     assert "warning: 2 renewal(s) of the dead letters' hold failed" in err
     visible = sqs.sqs.receive_message(QueueUrl=sqs.dlq, MaxNumberOfMessages=10)
     assert [m["Body"] for m in visible.get("Messages", [])] == [copy_of(body, "m1")]
+
+
+# -- Pub/Sub: ModifyAckDeadline in batches of the client library's size ---------------------------
+
+
+class RecordingDeadlines:
+    """A real SubscriberClient whose ModifyAckDeadline requests are recorded on their way."""
+
+    def __init__(self) -> None:
+        from google.cloud import pubsub_v1
+
+        self.client = pubsub_v1.SubscriberClient()
+        self.deadlines: list[tuple[int, int]] = []  # (number of ack ids, seconds)
+
+    def modify_ack_deadline(self, *, request: dict[str, Any]) -> Any:
+        self.deadlines.append((len(request["ack_ids"]), request["ack_deadline_seconds"]))
+        return self.client.modify_ack_deadline(request=request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_more_than_a_thousand_held_pubsub_entries_are_released_in_batches(
+    pubsub_dead: tuple[Any, Any],
+) -> None:
+    resources, _ = pubsub_dead
+    data = [json.dumps(envelope(poison_event(f"b-{n}"))).encode() for n in range(1005)]
+    futures = [resources.publisher.publish(resources.dead_letter_topic, d) for d in data]
+    for future in futures:
+        future.result(timeout=60)
+    subscriber = RecordingDeadlines()
+    dead = tw.PubSubDeadLetters(resources.dead_letter_subscription, subscriber=subscriber)
+    with dead.held(1100) as entries:
+        assert len(entries) == 1005
+        subscriber.deadlines.clear()  # the pages' own: a hundred at most each
+    assert sorted(subscriber.deadlines) == [(5, 0), (1000, 0)]  # the release
+    assert pulled_now(resources)  # released: deliverable again at once
