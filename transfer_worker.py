@@ -6928,7 +6928,10 @@ def build_dead_letters(config: Config, clients: CloudClients) -> DeadLetters:
             "dlq needs the worker's --dead-letter (an SQS queue URL, or projects/P/topics/T "
             "with --dead-letter-subscription)"
         )
-    return LocalDeadLetters(local_queue(config, config.dead_letter or config.queue))
+    # the same check as the worker's: a typo taken for a SQLite path made a file and listed nothing
+    if config.dead_letter:
+        return LocalDeadLetters(local_queue(config, local_path(config.dead_letter, PUBLISH_FORMS)))
+    return LocalDeadLetters(local_queue(config, local_path(config.queue, CONSUME_FORMS)))
 
 
 def build_redrive_target(config: Config, clients: CloudClients) -> Publisher:

@@ -7,13 +7,17 @@ finding is about what a user sees. No test waits without a bound."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import transfer_worker as tw
-from tests.test_dlq import SQS, poison_event
+from tests.test_dlq import SCRIPT, SQS, poison_event
 from tests.test_review_dlq import envelope, pubsub_dead, pulled_now
 
 pytestmark = pytest.mark.timeout(240)
@@ -126,3 +130,28 @@ def test_more_than_a_thousand_held_pubsub_entries_are_released_in_batches(
         subscriber.deadlines.clear()  # the pages' own: a hundred at most each
     assert sorted(subscriber.deadlines) == [(5, 0), (1000, 0)]  # the release
     assert pulled_now(resources)  # released: deliverable again at once
+
+
+# -- an unknown form of --queue / --dead-letter is refused, not made a file -----------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "forms"),
+    [
+        ("--queue", "sqs:/typo", tw.CONSUME_FORMS),
+        ("--queue", "sqs:typo", tw.CONSUME_FORMS),
+        ("--dead-letter", "sqs:typo", tw.PUBLISH_FORMS),
+        ("--dead-letter", "projects/p/typo/t", tw.PUBLISH_FORMS),
+    ],
+    ids=["queue-slash", "queue", "dead-letter", "dead-letter-projects"],
+)
+def test_dlq_refuses_a_queue_of_an_unknown_form(
+    tmp_path: Path, setting: str, value: str, forms: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "dlq", "list", setting, value, "--local-root", "root"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert forms in result.stderr and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
