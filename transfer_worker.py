@@ -6968,7 +6968,8 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
         if args.dlq_command == "redrive" and not args.dry_run:
             target = build_redrive_target(config, clients)
         with dead.held(args.limit) as entries:
-            chosen = [e for e in entries if _chosen(e.envelope, args)]
+            groups = copies_by_message(entries)
+            chosen = [entry for copies in groups if _any_chosen(copies, args) for entry in copies]
             if args.dlq_command == "redrive":
                 return redrive(dead, chosen, target)
             list_dead_letters(chosen)
@@ -6978,14 +6979,46 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
         return 1
 
 
-def list_dead_letters(entries: Sequence[DeadLetter]) -> None:
-    """One JSON line each; a warning on stderr when some envelopes cannot be read. The list is
-    complete all the same (exit 0): each such entry is in it, with what is wrong."""
+# The copies of one message's dead letter, oldest first: a message whose ack keeps failing is
+# dead-lettered again at each redelivery, one envelope per delivery. list shows them as one entry
+# and redrive sends the body once; sent once per copy, the event went back N times.
+Copies = list[DeadLetter]
+
+
+def copies_by_message(entries: Iterable[DeadLetter]) -> list[Copies]:
+    """The entries grouped by the message they dead-letter, in the order first seen."""
+    groups: dict[str, Copies] = {}
     for entry in entries:
+        groups.setdefault(_message_key(entry), []).append(entry)
+    return list(groups.values())
+
+
+def _message_key(entry: DeadLetter) -> str:
+    """What one message's dead letters share: its message id, event id and body. A dead letter
+    without a message id, or whose envelope is malformed, is not known to be a copy of anything:
+    it stands alone (by the queue's own handle)."""
+    envelope = entry.envelope
+    if envelope.get("message_id") is None or envelope.get("reason") == MALFORMED_ENVELOPE:
+        return f"entry {id(entry)}"
+    fields = [envelope.get(name) for name in ("message_id", "event_id", "body")]
+    return json.dumps([*fields, envelope.get("body_encoding", "utf-8")], default=repr)
+
+
+def _any_chosen(copies: Copies, args: argparse.Namespace) -> bool:
+    """Chosen when any copy is: the others are the same message, whose one send covers them."""
+    return any(_chosen(entry.envelope, args) for entry in copies)
+
+
+def list_dead_letters(entries: Sequence[DeadLetter]) -> None:
+    """One JSON line per message, with its number of ``copies``; a warning on stderr when some
+    envelopes cannot be read. The list is complete all the same (exit 0): each such entry is in
+    it, with what is wrong."""
+    groups = copies_by_message(entries)
+    for copies in groups:
         # ASCII JSON: a key may hold C1 controls (a terminal's CSI) or a lone surrogate,
         # which would break the line or the output's encoding; escaped they cannot.
-        print(json.dumps(dead_letter_line(entry.envelope)))
-    malformed = sum(e.envelope.get("reason") == MALFORMED_ENVELOPE for e in entries)
+        print(json.dumps({**dead_letter_line(copies[0].envelope), "copies": len(copies)}))
+    malformed = sum(c[0].envelope.get("reason") == MALFORMED_ENVELOPE for c in groups)
     if malformed:
         print(
             f"warning: {malformed} dead letter(s) with a malformed envelope (reason "
@@ -6995,18 +7028,22 @@ def list_dead_letters(entries: Sequence[DeadLetter]) -> None:
 
 
 def redrive(dead: DeadLetters, entries: Sequence[DeadLetter], target: Publisher | None) -> int:
-    """Each body back on the work queue, THEN off the dead-letter queue: a failure between the
-    two leaves a duplicate (which the worker skips), never a loss. None: a dry run."""
-    failed = [label for entry in entries if (label := _redrive_one(dead, entry, target))]
-    done = len(entries) - len(failed)
+    """Each message's body back on the work queue once, THEN every copy of it off the
+    dead-letter queue: a failure between the two leaves a duplicate (which the worker skips),
+    never a loss. None: a dry run."""
+    groups = copies_by_message(entries)
+    failed = [label for copies in groups if (label := _redrive_one(dead, copies, target))]
+    done = len(groups) - len(failed)
     verb = "would redrive" if target is None else "redrove"
-    print(f"{verb} {done} message(s), {len(failed)} failed", file=sys.stderr)
+    copies = len(entries) > len(groups)
+    extra = f" ({len(entries)} dead letters: a message's copies go once)" if copies else ""
+    print(f"{verb} {done} message(s), {len(failed)} failed{extra}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None) -> str:
-    """'' when done, else the entry's label (the failure is printed)."""
-    envelope = entry.envelope
+def _redrive_one(dead: DeadLetters, copies: Copies, target: Publisher | None) -> str:
+    """'' when done, else the message's label (the failure is printed)."""
+    envelope = copies[0].envelope
     label = envelope.get("event_id") or f"message {envelope.get('message_id')}"
     try:
         body = _sendable(envelope)
@@ -7021,11 +7058,21 @@ def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None)
     except TransferError as exc:
         print(f"error: {label}: not sent, left on the dead-letter queue: {exc}", file=sys.stderr)
         return str(label)
-    try:
-        dead.remove(entry)
-    except TransferError as exc:
-        print(f"error: {label}: sent, but still on the dead-letter queue: {exc}", file=sys.stderr)
-        return str(label)
+    return _remove_copies(dead, copies, str(label))
+
+
+def _remove_copies(dead: DeadLetters, copies: Copies, label: str) -> str:
+    """Every copy off the dead-letter queue, once the body is sent; '' when all are gone."""
+    for done, entry in enumerate(copies):
+        try:
+            dead.remove(entry)
+        except TransferError as exc:
+            left = f" ({len(copies) - done} of {len(copies)} copies)" if len(copies) > 1 else ""
+            print(
+                f"error: {label}: sent, but still on the dead-letter queue{left}: {exc}",
+                file=sys.stderr,
+            )
+            return label
     return ""
 
 

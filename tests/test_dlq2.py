@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-from tests.test_dlq import SCRIPT, SQS, poison_event
+from tests.test_dlq import SCRIPT, SQS, cli, poison_event
 from tests.test_review_dlq import envelope, pubsub_dead, pulled_now
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,6 +28,92 @@ __all__ = ["pubsub_dead"]  # the fixture, imported so that pytest finds it here
 def copy_of(body: bytes, message_id: str, **extra: Any) -> str:
     """A dead letter of message ``message_id`` as the worker writes it, as JSON."""
     return json.dumps(envelope(body, message_id=message_id, **extra))
+
+
+# -- copies of one message: sent once, removed only after the send --------------------------------
+
+
+def test_sqs_copies_of_one_message_are_listed_once_and_redriven_once(aws_env: str) -> None:
+    """Three deliveries of message m1 dead-lettered (its ack kept failing), and one other message:
+    list shows two entries, m1 with its three copies; redrive sends each body once and leaves
+    the dead-letter queue empty."""
+    sqs = SQS()
+    first, other = poison_event("b-1"), poison_event("b-2")
+    for attempts in range(3):
+        sqs.sqs.send_message(QueueUrl=sqs.dlq, MessageBody=copy_of(first, "m1", attempts=attempts))
+    sqs.sqs.send_message(QueueUrl=sqs.dlq, MessageBody=copy_of(other, "m2"))
+    out = cli("dlq", "list", *sqs.settings).stdout
+    listed = sorted((e["message_id"], e["copies"]) for e in map(json.loads, out.splitlines()))
+    assert listed == [("m1", 3), ("m2", 1)]
+    result = cli("dlq", "redrive", *sqs.settings)
+    assert "redrove 2 message(s), 0 failed (4 dead letters" in result.stderr
+    assert sorted(sqs.drain_work()) == sorted([first, other])
+    assert cli("dlq", "list", *sqs.settings).stdout == ""
+
+
+def local_dead(tmp_path: Path, *envelopes: dict[str, Any]) -> tw.LocalQueue:
+    dead = tw.LocalQueue(tmp_path / "dlq.db")
+    for doc in envelopes:
+        dead.put_dead_letter(doc)
+    return dead
+
+
+def test_only_the_same_message_id_event_and_body_make_copies(tmp_path: Path) -> None:
+    """A local queue file made anew numbers its messages from 1 again: two poison bodies of
+    message "1" (no event id) are two messages, and a malformed envelope is nobody's copy."""
+    poison = {"reason": "invalid_event", "error": "x", "message_id": "1", "event_id": None}
+    malformed = {**poison, "reason": tw.MALFORMED_ENVELOPE}
+    dead = local_dead(
+        tmp_path,
+        {"body": "garbage one", **poison},
+        {"body": "garbage two", **poison},
+        {"body": "garbage one", **poison, "attempts": 3},  # a copy of the first
+        {"body": "garbage one", **malformed},
+        {"body": "garbage one", **malformed},
+    )
+    entries = [tw.DeadLetter(doc, row) for row, doc in dead.dead_letters()]
+    groups = tw.copies_by_message(entries)
+    assert [[e.handle for e in copies] for copies in groups] == [[1, 3], [2], [4], [5]]
+
+
+class RefusingTarget:
+    """A work queue whose every send is refused, as an unreachable one's would be."""
+
+    max_message_bytes = None
+    carries_attributes = False
+
+    def __init__(self) -> None:
+        self.sends = 0
+
+    def publish(self, body: bytes, **kwargs: Any) -> str:
+        self.sends += 1
+        raise tw.RetryableError("work queue unreachable", reason="unavailable")
+
+
+def test_no_copy_is_removed_when_the_one_send_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = poison_event("b-1")
+    dead = local_dead(tmp_path, *(envelope(body, message_id="7") for _ in range(3)))
+    target = RefusingTarget()
+    readers = tw.LocalDeadLetters(dead)
+    with readers.held(1000) as entries:
+        assert tw.redrive(readers, entries, target) == 1
+    assert target.sends == 1  # one send for the three copies, refused
+    assert "not sent, left on the dead-letter queue" in capsys.readouterr().err
+    assert len(dead.dead_letters()) == 3
+
+
+def test_a_dry_run_names_a_message_with_copies_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = poison_event("b-1")
+    local_dead(tmp_path, *(envelope(body, message_id="7") for _ in range(2)))
+    settings = ["--local-root", str(tmp_path), "--dead-letter", str(tmp_path / "dlq.db")]
+    assert tw.main(["dlq", "redrive", "--dry-run", *settings]) == 0
+    err = capsys.readouterr().err
+    assert err.count("would redrive ") == 2  # the message's line and the summary
+    assert "would redrive 1 message(s), 0 failed (2 dead letters" in err
 
 
 # -- the hold renewer: any error fails one beat, reported once per streak -------------------------
