@@ -4338,10 +4338,24 @@ class HoldRenewer:
     (60 s: a thousand entries, a slow link) let its entries show again: to other readers, and to
     its own later pages with new receipts. A renewal that fails is tried at the next beat; an
     entry whose hold lapsed meanwhile comes back at worst, and HeldEntries keeps its latest
-    handle. Stopped (and joined) before the entries are released, or it would hide them again."""
+    handle. Stopped (and joined) before the entries are released, or it would hide them again.
 
-    def __init__(self, renew: Callable[[], None], period: float) -> None:
+    Any exception fails only its beat: one that no adapter translates (botocore's
+    ParamValidationError, the ValueError of a closed gRPC channel) ended the thread, and every
+    hold lapsed without a word. The first failure of a streak is reported, and when the renewer
+    stops it says how many renewals failed: the command's user learns that its entries may have
+    shown to others."""
+
+    def __init__(
+        self,
+        renew: Callable[[], None],
+        period: float,
+        *,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
         self._renew, self._period = renew, period
+        self._report = report or _to_stderr
+        self.failures, self._failing = 0, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dlq-hold", daemon=True)
 
@@ -4352,11 +4366,34 @@ class HoldRenewer:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.failures:
+            self._report(
+                f"warning: {self.failures} renewal(s) of the dead letters' hold failed: other "
+                "readers may have seen them meanwhile, and one removed by this command may "
+                "still be on the dead-letter queue (a later redrive sends it again)"
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):
-            with contextlib.suppress(TransferError):  # unreachable for now: the next beat
-                self._renew()
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self._renew()
+        except Exception as exc:  # noqa: BLE001 - any error fails one beat, never the thread
+            self.failures += 1
+            if not self._failing:
+                self._report(
+                    f"warning: the hold of the dead letters could not be extended ({exc!r}): "
+                    f"trying again every {self._period:g} s"
+                )
+            self._failing = True
+        else:
+            self._failing = False
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _attribute(item: Mapping[str, Any], name: str) -> str | None:
@@ -4449,6 +4486,9 @@ class SQSDeadLetters:
 PUBSUB_SUBSCRIPTION = r"^projects/[^/]+/subscriptions/[^/]+$"
 PUBSUB_TOPIC = r"^projects/[^/]+/topics/[^/]+$"
 PUBSUB_MAX_DEADLINE = 600  # seconds: Pub/Sub accepts ack deadlines of 10 to 600 s
+# ack ids in one Acknowledge or ModifyAckDeadline: google-cloud-pubsub's own batch size
+# (_ACK_IDS_BATCH_SIZE in subscriber/_protocol/dispatcher.py, private, so not imported)
+PUBSUB_ACK_IDS_BATCH = 1000
 
 
 def _pubsub_ack_id_invalid(exc: BaseException | None) -> bool:
@@ -4773,15 +4813,17 @@ class PubSubDeadLetters:
         entry.handle["removed"] = True
 
     def _deadline(self, entries: list[DeadLetter], seconds: int) -> None:
-        if entries:
+        """PUBSUB_ACK_IDS_BATCH ack ids a request, as the client library sends them itself: the
+        service may refuse a larger request, and one renewal carried every entry held."""
+        ack_ids = [e.handle["ack_id"] for e in entries]
+        for start in range(0, len(ack_ids), PUBSUB_ACK_IDS_BATCH):
+            request = {
+                "subscription": self.subscription,
+                "ack_ids": ack_ids[start : start + PUBSUB_ACK_IDS_BATCH],
+                "ack_deadline_seconds": seconds,
+            }
             with _translated(google_error, "queue"):
-                self.subscriber.modify_ack_deadline(
-                    request={
-                        "subscription": self.subscription,
-                        "ack_ids": [e.handle["ack_id"] for e in entries],
-                        "ack_deadline_seconds": seconds,
-                    }
-                )
+                self.subscriber.modify_ack_deadline(request=request)
 
 
 def pubsub_topic_of(subscription: str, *, subscriber: Any = None) -> str:
@@ -7078,7 +7120,10 @@ def build_dead_letters(config: Config, clients: CloudClients) -> DeadLetters:
             "dlq needs the worker's --dead-letter (an SQS queue URL, or projects/P/topics/T "
             "with --dead-letter-subscription)"
         )
-    return LocalDeadLetters(local_queue(config, config.dead_letter or config.queue))
+    # the same check as the worker's: a typo taken for a SQLite path made a file and listed nothing
+    if config.dead_letter:
+        return LocalDeadLetters(local_queue(config, local_path(config.dead_letter, PUBLISH_FORMS)))
+    return LocalDeadLetters(local_queue(config, local_path(config.queue, CONSUME_FORMS)))
 
 
 def build_redrive_target(config: Config, clients: CloudClients) -> Publisher:
@@ -7115,7 +7160,8 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
         if args.dlq_command == "redrive" and not args.dry_run:
             target = build_redrive_target(config, clients)
         with dead.held(args.limit) as entries:
-            chosen = [e for e in entries if _chosen(e.envelope, args)]
+            groups = copies_by_message(entries)
+            chosen = [entry for copies in groups if _any_chosen(copies, args) for entry in copies]
             if args.dlq_command == "redrive":
                 return redrive(dead, chosen, target)
             list_dead_letters(chosen)
@@ -7125,14 +7171,46 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
         return 1
 
 
-def list_dead_letters(entries: Sequence[DeadLetter]) -> None:
-    """One JSON line each; a warning on stderr when some envelopes cannot be read. The list is
-    complete all the same (exit 0): each such entry is in it, with what is wrong."""
+# The copies of one message's dead letter, oldest first: a message whose ack keeps failing is
+# dead-lettered again at each redelivery, one envelope per delivery. list shows them as one entry
+# and redrive sends the body once; sent once per copy, the event went back N times.
+Copies = list[DeadLetter]
+
+
+def copies_by_message(entries: Iterable[DeadLetter]) -> list[Copies]:
+    """The entries grouped by the message they dead-letter, in the order first seen."""
+    groups: dict[str, Copies] = {}
     for entry in entries:
+        groups.setdefault(_message_key(entry), []).append(entry)
+    return list(groups.values())
+
+
+def _message_key(entry: DeadLetter) -> str:
+    """What one message's dead letters share: its message id, event id and body. A dead letter
+    without a message id, or whose envelope is malformed, is not known to be a copy of anything:
+    it stands alone (by the queue's own handle)."""
+    envelope = entry.envelope
+    if envelope.get("message_id") is None or envelope.get("reason") == MALFORMED_ENVELOPE:
+        return f"entry {id(entry)}"
+    fields = [envelope.get(name) for name in ("message_id", "event_id", "body")]
+    return json.dumps([*fields, envelope.get("body_encoding", "utf-8")], default=repr)
+
+
+def _any_chosen(copies: Copies, args: argparse.Namespace) -> bool:
+    """Chosen when any copy is: the others are the same message, whose one send covers them."""
+    return any(_chosen(entry.envelope, args) for entry in copies)
+
+
+def list_dead_letters(entries: Sequence[DeadLetter]) -> None:
+    """One JSON line per message, with its number of ``copies``; a warning on stderr when some
+    envelopes cannot be read. The list is complete all the same (exit 0): each such entry is in
+    it, with what is wrong."""
+    groups = copies_by_message(entries)
+    for copies in groups:
         # ASCII JSON: a key may hold C1 controls (a terminal's CSI) or a lone surrogate,
         # which would break the line or the output's encoding; escaped they cannot.
-        print(json.dumps(dead_letter_line(entry.envelope)))
-    malformed = sum(e.envelope.get("reason") == MALFORMED_ENVELOPE for e in entries)
+        print(json.dumps({**dead_letter_line(copies[0].envelope), "copies": len(copies)}))
+    malformed = sum(c[0].envelope.get("reason") == MALFORMED_ENVELOPE for c in groups)
     if malformed:
         print(
             f"warning: {malformed} dead letter(s) with a malformed envelope (reason "
@@ -7142,18 +7220,22 @@ def list_dead_letters(entries: Sequence[DeadLetter]) -> None:
 
 
 def redrive(dead: DeadLetters, entries: Sequence[DeadLetter], target: Publisher | None) -> int:
-    """Each body back on the work queue, THEN off the dead-letter queue: a failure between the
-    two leaves a duplicate (which the worker skips), never a loss. None: a dry run."""
-    failed = [label for entry in entries if (label := _redrive_one(dead, entry, target))]
-    done = len(entries) - len(failed)
+    """Each message's body back on the work queue once, THEN every copy of it off the
+    dead-letter queue: a failure between the two leaves a duplicate (which the worker skips),
+    never a loss. None: a dry run."""
+    groups = copies_by_message(entries)
+    failed = [label for copies in groups if (label := _redrive_one(dead, copies, target))]
+    done = len(groups) - len(failed)
     verb = "would redrive" if target is None else "redrove"
-    print(f"{verb} {done} message(s), {len(failed)} failed", file=sys.stderr)
+    copies = len(entries) > len(groups)
+    extra = f" ({len(entries)} dead letters: a message's copies go once)" if copies else ""
+    print(f"{verb} {done} message(s), {len(failed)} failed{extra}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None) -> str:
-    """'' when done, else the entry's label (the failure is printed)."""
-    envelope = entry.envelope
+def _redrive_one(dead: DeadLetters, copies: Copies, target: Publisher | None) -> str:
+    """'' when done, else the message's label (the failure is printed)."""
+    envelope = copies[0].envelope
     label = envelope.get("event_id") or f"message {envelope.get('message_id')}"
     try:
         body = _sendable(envelope)
@@ -7168,11 +7250,21 @@ def _redrive_one(dead: DeadLetters, entry: DeadLetter, target: Publisher | None)
     except TransferError as exc:
         print(f"error: {label}: not sent, left on the dead-letter queue: {exc}", file=sys.stderr)
         return str(label)
-    try:
-        dead.remove(entry)
-    except TransferError as exc:
-        print(f"error: {label}: sent, but still on the dead-letter queue: {exc}", file=sys.stderr)
-        return str(label)
+    return _remove_copies(dead, copies, str(label))
+
+
+def _remove_copies(dead: DeadLetters, copies: Copies, label: str) -> str:
+    """Every copy off the dead-letter queue, once the body is sent; '' when all are gone."""
+    for done, entry in enumerate(copies):
+        try:
+            dead.remove(entry)
+        except TransferError as exc:
+            left = f" ({len(copies) - done} of {len(copies)} copies)" if len(copies) > 1 else ""
+            print(
+                f"error: {label}: sent, but still on the dead-letter queue{left}: {exc}",
+                file=sys.stderr,
+            )
+            return label
     return ""
 
 
