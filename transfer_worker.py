@@ -7126,8 +7126,20 @@ def build_dead_letters(config: Config, clients: CloudClients) -> DeadLetters:
     return LocalDeadLetters(local_queue(config, local_path(config.queue, CONSUME_FORMS)))
 
 
-def build_redrive_target(config: Config, clients: CloudClients) -> Publisher:
-    """The work queue: --queue itself, or for a Pub/Sub subscription the topic it receives."""
+def build_redrive_target(
+    config: Config, clients: CloudClients, dead: DeadLetters | None = None
+) -> Publisher:
+    """The work queue: --queue itself, or for a Pub/Sub subscription the topic it receives. A
+    cloud dead-letter queue is never redriven into the local queue that --queue names by
+    default: a `dlq redrive --dead-letter-subscription ...` without --queue moved the events
+    into a laptop file, out of the pipeline (newcomer finding)."""
+    local_target = _registered(QUEUES, config.queue) is None
+    if local_target and dead is not None and not isinstance(dead, LocalDeadLetters):
+        raise ValueError(
+            "dlq redrive from an SQS or Pub/Sub dead-letter queue needs --queue: the work "
+            "queue to send the bodies back to (an SQS queue URL, or the Pub/Sub subscription "
+            "projects/P/subscriptions/S whose topic gets them)"
+        )
     if re.match(PUBSUB_SUBSCRIPTION, config.queue):
         return PubSubPublisher(pubsub_topic_of(config.queue), config)
     return build_publisher(config.queue, config, clients)
@@ -7157,8 +7169,9 @@ def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
     dead = build_dead_letters(config, clients)
     target = None
     try:
-        if args.dlq_command == "redrive" and not args.dry_run:
-            target = build_redrive_target(config, clients)
+        if args.dlq_command == "redrive":
+            built = build_redrive_target(config, clients, dead)  # a dry run checks it too
+            target = None if args.dry_run else built
         with dead.held(args.limit) as entries:
             groups = copies_by_message(entries)
             chosen = [entry for copies in groups if _any_chosen(copies, args) for entry in copies]

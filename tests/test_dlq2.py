@@ -241,3 +241,26 @@ def test_dlq_refuses_a_queue_of_an_unknown_form(
     assert result.returncode == 2, result.stderr
     assert forms in result.stderr and "Traceback" not in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+# -- a cloud dead-letter queue is never redriven into the local queue ------------------------------
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["redrive", "dry_run"])
+def test_an_sqs_redrive_without_queue_is_refused_and_moves_nothing(
+    aws_env: str, tmp_path: Path, dry_run: bool
+) -> None:
+    """Newcomer finding: `dlq redrive --dead-letter URL` without --queue sent the bodies to the
+    local queue that --queue names by default (a laptop file, out of the pipeline) and exited
+    0. It is refused, naming --queue, a dry run too; the dead letter stays where it was."""
+    sqs = SQS()
+    body = poison_event("b-1")
+    sqs.sqs.send_message(QueueUrl=sqs.dlq, MessageBody=copy_of(body, "m1"))
+    local = ["--local-root", str(tmp_path)]
+    result = cli(
+        "dlq", "redrive", "--dead-letter", sqs.dlq, *local, *(["--dry-run"] * dry_run), check=2
+    )
+    assert "needs --queue" in result.stderr
+    assert not list(tmp_path.rglob("*.db")), "no local queue was made"
+    listed = cli("dlq", "list", *sqs.settings).stdout.splitlines()
+    assert [json.loads(line)["message_id"] for line in listed] == ["m1"]
