@@ -4746,7 +4746,7 @@ def plan_skip(
     dst_sha = dst.recorded(META_SHA256)
     if dst.recorded(META_EVENT_ID) == event.event_id and (
         (dst_sha and expected_sha256 in (None, dst_sha))
-        or (not (dst_sha and expected_sha256) and _same_crc32c(dst, src))
+        or (not (dst_sha and expected_sha256) and _same_crc32c(dst, src, event))
     ):
         return "already_applied"
     recorded = _recorded_order(dst)
@@ -4777,17 +4777,19 @@ def same_content(
     if dst_sha and sha256:
         if dst_sha != sha256:
             return False
-    elif not _same_crc32c(dst, src):
+    elif not _same_crc32c(dst, src, event):
         return False
     recorded = _recorded_order(dst)
     return not (recorded and recorded < _order(event))
 
 
-def _same_crc32c(dst: ObjectInfo, src: ObjectInfo | None) -> bool:
-    """The destination records the source's CRC32C and the very source version planned now
-    (its generation: GCS never reuses one for other bytes). A CRC32C alone is 32 bits, too
-    weak to call two objects equal; with the version, it confirms the record names them."""
-    if src is None or not src.revision:
+def _same_crc32c(dst: ObjectInfo, src: ObjectInfo | None, event: TransferEvent) -> bool:
+    """The destination records the source's CRC32C, the event's source object and the very
+    version of it planned now (its generation: GCS never reuses one for other bytes of one
+    object name, but another object's generation may be the same number). A CRC32C alone is
+    32 bits, too weak to call two objects equal; with the object and its version, it confirms
+    the record names them."""
+    if src is None or not src.revision or dst.recorded(META_SOURCE) != event.source.uri:
         return False
     crc = dst.recorded(META_CRC32C)
     same_version = all(

@@ -177,3 +177,61 @@ def test_s3_a_put_under_sse_kms_whose_answer_is_lost_is_reported_transferred(
     assert (result.outcome, result.reason) == ("success", None), result
     assert result.bytes_transferred == len(data)
     assert side.read("out") == data
+
+
+# -- a CRC32C record names one source object -------------------------------------------------------
+
+
+SRC = tw.ObjectRef("gcp_gcs", "src-bucket", "one")
+DST = tw.ObjectRef("aws_s3", "dst-bucket", "out")
+CRC, GENERATION = "0a0b0c0d", "1767225600000000"
+
+
+def crc_record(event: tw.TransferEvent, source: str) -> tw.ObjectInfo:
+    """An S3 object written on the CRC32C path (no SHA-256) from ``source``, as the engine
+    records it: that event, its source URI, the source's CRC32C and generation."""
+    return tw.ObjectInfo(
+        size=1,
+        version='"e-3"',
+        metadata={
+            tw.META_EVENT_ID: event.event_id,
+            tw.META_EVENT_TIME: event.timestamp.isoformat(),
+            tw.META_SOURCE: source,
+            tw.META_CRC32C: CRC,
+            tw.META_SOURCE_ATTRIBUTE + "generation": GENERATION,
+        },
+    )
+
+
+def gcs_source() -> tw.ObjectInfo:
+    return tw.ObjectInfo(
+        size=1, version=GENERATION, checksums={"crc32c": CRC}, revision={"generation": GENERATION}
+    )
+
+
+@pytest.mark.parametrize(
+    "recorded_source",
+    ["gs://src-bucket/two", "gs://other-bucket/one", "s3://src-bucket/one"],
+    ids=["another-key", "another-bucket", "another-provider"],
+)
+def test_a_crc32c_record_of_another_source_object_is_not_these_bytes(
+    recorded_source: str,
+) -> None:
+    """A GCS generation is unique per object name only: two objects written in the same
+    microsecond share it, and one CRC32C in 2**32 is shared too. A destination that records
+    another source object with the same generation and CRC32C holds other bytes: not
+    already_applied, not same_content; the transfer writes. Before, the record's source was not
+    compared and both claimed these bytes were there."""
+    event = event_for(SRC, DST, NEW)
+    dst = crc_record(event, recorded_source)
+    assert tw.plan_skip(event, dst, None, "always", src=gcs_source()) is None
+    assert tw.plan_skip(event, dst, "ab" * 32, "always", src=gcs_source()) is None
+    assert not tw.same_content(dst, "ab" * 32, event, src=gcs_source())
+
+
+def test_a_crc32c_record_of_the_events_own_source_object_still_counts() -> None:
+    """The control: the same record naming the event's own source is this event's bytes."""
+    event = event_for(SRC, DST, NEW)
+    dst = crc_record(event, SRC.uri)
+    assert tw.plan_skip(event, dst, None, "always", src=gcs_source()) == "already_applied"
+    assert tw.same_content(dst, "ab" * 32, event, src=gcs_source())
