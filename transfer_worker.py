@@ -2608,6 +2608,18 @@ def _aws_code(exc: BaseException | None) -> str:
     return str(error.get("Code", "")) if isinstance(error, dict) else ""
 
 
+def _aws_resent(exc: BaseException | None) -> bool:
+    """Whether botocore sent the request whose answer raised ``exc`` (a ClientError, or a
+    TransferError raised from one, however deep) more than once: an earlier send's answer was
+    lost (a dropped connection, a timeout), so that send may have been applied."""
+    while exc is not None and not isinstance(getattr(exc, "response", None), dict):
+        exc = exc.__cause__
+    if exc is None:
+        return False
+    metadata = getattr(exc, "response", {}).get("ResponseMetadata") or {}
+    return int(metadata.get("RetryAttempts") or 0) > 0
+
+
 @contextlib.contextmanager
 def _upload_gone_is_aborted() -> Iterator[None]:
     """Around an AbortMultipartUpload: NoSuchUpload means another abort (ours, answered after a
@@ -3074,6 +3086,14 @@ def _refuse_if_gone(ref: ObjectRef, exc: RetryableError) -> None:
         ) from exc
 
 
+def _records(there: ObjectInfo, record: Mapping[str, str]) -> bool:
+    """``there`` carries the worker's ``record`` whole (the event, the source version read, the
+    digest of the bytes: a SHA-256, or the source's CRC32C that S3 checked at the commit)."""
+    ours = {name: value for name, value in record.items() if name.startswith(META_PREFIX)}
+    has_digest = META_SHA256 in ours or META_CRC32C in ours
+    return has_digest and all(there.recorded(name) == value for name, value in ours.items())
+
+
 def _with_sha256_placeholder(metadata: Mapping[str, str]) -> dict[str, str]:
     """The largest record a commit may write: the SHA-256 in place of a recorded CRC32C."""
     return {**{k: v for k, v in metadata.items() if k != META_CRC32C}, META_SHA256: "0" * 64}
@@ -3292,16 +3312,22 @@ class S3Upload:
         extra = dict(self.upload_args)
         if META_SHA256 in metadata:
             extra["ChecksumSHA256"] = _b64(bytes.fromhex(metadata[META_SHA256]))
-        with self._conditional():
-            self.client.put_object(
-                Bucket=self.ref.bucket,
-                Key=self.ref.key,
-                Body=body,
-                ContentType=self.content_type,
-                Metadata=_s3_metadata_out(metadata),
-                **extra,
-                **self.condition,
-            )
+        try:
+            with self._conditional():
+                self.client.put_object(
+                    Bucket=self.ref.bucket,
+                    Key=self.ref.key,
+                    Body=body,
+                    ContentType=self.content_type,
+                    Metadata=_s3_metadata_out(metadata),
+                    **extra,
+                    **self.condition,
+                )
+        except CommitRefused as exc:
+            # A PutObject's ETag is the MD5 of its body, unless S3 encrypts it with a key.
+            md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+            if not self._holds_this_commit(exc, metadata, etag=md5):
+                raise
 
     def _would_keep_the_etag(self, body: bytes) -> bool:
         """A PutObject's ETag is the MD5 of its body (without SSE-KMS): these bytes, put again
@@ -3337,7 +3363,7 @@ class S3Upload:
                     **self.condition,
                 )
         except CommitRefused as exc:
-            if _aws_code(exc.__cause__) != "NoSuchUpload" or not self._completed(parts):
+            if _aws_code(exc.__cause__) != "NoSuchUpload" or not self._completed(exc, parts):
                 raise
         self._stop_executor()
 
@@ -3348,7 +3374,7 @@ class S3Upload:
             return {}
         return {"ChecksumCRC32C": _b64(bytes.fromhex(self.crc32c)), "ChecksumType": "FULL_OBJECT"}
 
-    def _completed(self, parts: Sequence[Mapping[str, Any]]) -> bool:
+    def _completed(self, refused: CommitRefused, parts: Sequence[Mapping[str, Any]]) -> bool:
         """A NoSuchUpload at the completion: is the object at the key this upload's? A
         completion whose answer was lost is sent again by botocore, and S3 answers the repeat
         NoSuchUpload: the upload is complete, so gone. Re-planning then counted our own commit
@@ -3356,19 +3382,37 @@ class S3Upload:
         multipart object of exactly these parts (the MD5 of their ETags, "-<count>"), and this
         event on record. Anything else (another delivery aborted us) re-plans as before."""
         etags = [str(part["ETag"]).strip('"') for part in parts]
-        if not all(_PLAIN_MD5.match(etag) for etag in etags):
-            return False  # not the digests S3's multipart ETag is made of
-        digests = b"".join(bytes.fromhex(etag) for etag in etags)
-        etag = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+        etag = None  # part ETags that are not MD5s (SSE-KMS): the record must say it
+        if all(_PLAIN_MD5.match(tag) for tag in etags):
+            digests = b"".join(bytes.fromhex(tag) for tag in etags)
+            etag = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+        return self._holds_this_commit(refused, self.metadata, etag=etag)
+
+    def _holds_this_commit(
+        self, refused: CommitRefused, record: Mapping[str, str], *, etag: str | None
+    ) -> bool:
+        """A commit refused (412, NoSuchUpload) when botocore sent it again: was the first send
+        applied, so that the refusal is our own commit's? Re-planning then found this event on
+        record and counted the object it wrote skipped (already_applied). Ours: the object at
+        the key has ``etag``, the ETag S3 gives our bytes, and names this event; where that
+        ETag is unknown (None) or no digest of the bytes (SSE-KMS), it carries our whole
+        record, digest included. A refusal of the first send is another writer's commit (a
+        redelivery's of this event too), and so is any other object: the engine re-plans."""
+        if not _aws_resent(refused):
+            return False  # nothing of ours reached S3 before this answer
         try:
             there = self.store.head(self.ref)
         except PermanentError:
             return False
-        return (
-            there is not None
-            and there.version.strip('"') == etag
-            and there.recorded(META_EVENT_ID) == self.metadata.get(META_EVENT_ID)
-        )
+        if there is None or there.recorded(META_EVENT_ID) != record.get(META_EVENT_ID):
+            return False
+        version = there.version.strip('"')
+        if etag is not None and version == etag:
+            return True
+        # A single-part object under SSE-KMS or SSE-C: its ETag is no digest of its bytes, so
+        # our whole record (the digest of our bytes in it) must say the object is ours.
+        encrypted = bool(_PLAIN_MD5.match(version)) and "md5" not in there.checksums
+        return (etag is None or encrypted) and _records(there, record)
 
     @contextlib.contextmanager
     def _conditional(self) -> Iterator[None]:
@@ -4894,7 +4938,7 @@ def plan_skip(
     dst_sha = dst.recorded(META_SHA256)
     if dst.recorded(META_EVENT_ID) == event.event_id and (
         (dst_sha and expected_sha256 in (None, dst_sha))
-        or (not (dst_sha and expected_sha256) and _same_crc32c(dst, src))
+        or (not (dst_sha and expected_sha256) and _same_crc32c(dst, src, event))
     ):
         return "already_applied"
     recorded = _recorded_order(dst)
@@ -4925,17 +4969,19 @@ def same_content(
     if dst_sha and sha256:
         if dst_sha != sha256:
             return False
-    elif not _same_crc32c(dst, src):
+    elif not _same_crc32c(dst, src, event):
         return False
     recorded = _recorded_order(dst)
     return not (recorded and recorded < _order(event))
 
 
-def _same_crc32c(dst: ObjectInfo, src: ObjectInfo | None) -> bool:
-    """The destination records the source's CRC32C and the very source version planned now
-    (its generation: GCS never reuses one for other bytes). A CRC32C alone is 32 bits, too
-    weak to call two objects equal; with the version, it confirms the record names them."""
-    if src is None or not src.revision:
+def _same_crc32c(dst: ObjectInfo, src: ObjectInfo | None, event: TransferEvent) -> bool:
+    """The destination records the source's CRC32C, the event's source object and the very
+    version of it planned now (its generation: GCS never reuses one for other bytes of one
+    object name, but another object's generation may be the same number). A CRC32C alone is
+    32 bits, too weak to call two objects equal; with the object and its version, it confirms
+    the record names them."""
+    if src is None or not src.revision or dst.recorded(META_SOURCE) != event.source.uri:
         return False
     crc = dst.recorded(META_CRC32C)
     same_version = all(

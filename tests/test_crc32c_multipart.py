@@ -311,13 +311,14 @@ DST = tw.ObjectRef("aws_s3", "dst-bucket", "k")
 
 
 def crc_record(event: tw.TransferEvent, crc: str, generation: str) -> tw.ObjectInfo:
-    """A destination written on the CRC32C path: the source's CRC32C and generation, no SHA-256."""
+    """A destination written on the CRC32C path: the event's source, its CRC32C and generation."""
     return tw.ObjectInfo(
         size=1,
         version='"e-3"',
         metadata={
             "transfer-worker-event-id": event.event_id,
             "transfer-worker-event-time": event.timestamp.isoformat(),
+            "transfer-worker-source": event.source.uri,
             "transfer-worker-crc32c": crc,
             "transfer-worker-source-generation": generation,
         },

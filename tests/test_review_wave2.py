@@ -274,12 +274,6 @@ def lost_put_once(upstream: str, key: str) -> Any:
     return proxy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding F: finding 6 was fixed for CompleteMultipartUpload only; a PutObject (every "
-    "object of one part) whose answer was lost is retried by botocore, refused 412 by its own "
-    "IfNoneMatch, re-planned, and reported skipped already_applied",
-)
 def test_s3_a_put_whose_answer_is_lost_is_reported_transferred(
     aws_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
