@@ -1,0 +1,211 @@
+"""Adversarial review of the wave-2 fixes (since 908abc8): each test is a promise broken, kept as a
+strict xfail until fixed, so the branch stays green and a fix shows as XPASS. Real servers
+(moto behind a relay) where the behaviour is on the wire; no test waits without a bound."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+import transfer_worker as tw
+from tests.test_commits import event_for, relayed_store, s3_side
+from tests.test_review_dlq import envelope
+from tests.test_s3put import NEW, committed_meanwhile
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def slowed_down_meanwhile(upstream: str, key: str, meanwhile: Callable[[], None]) -> Any:
+    """The first PutObject of ``key`` is NOT forwarded and is ANSWERED 503 SlowDown (S3's
+    'nothing done, try again'), after ``meanwhile`` ran. botocore retries: RetryAttempts 1,
+    although no send of ours was ever applied."""
+    from tests.test_cloud import FaultProxy
+
+    class SlowDown(FaultProxy):
+        def _handler(self) -> Any:
+            base, relay = super()._handler(), self
+
+            class Handler(base):  # type: ignore[misc, valid-type]
+                def _any(self) -> None:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.rfile.read(length) if length else b""
+                    relay.seen.append((self.command, self.path))
+                    plain_put = self.command == "PUT" and "?" not in self.path
+                    if not (plain_put and self.path.endswith(f"/{key}")) or relay.injected:
+                        return self._forward(body)
+                    relay.injected += 1
+                    meanwhile()
+                    answer = (
+                        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>"
+                    )
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+
+                do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _any
+
+            return Handler
+
+    return SlowDown(upstream)
+
+
+# -- (a) a 412 on botocore's resend: a racing delivery of the same event ---------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding W2b-1: _holds_this_commit takes RetryAttempts > 0 as 'our first send may "
+    "have been applied', but botocore counts a first attempt that never reached S3 too; a "
+    "redelivery of the same event (same bytes, same record) committed meanwhile is then claimed "
+    "as this delivery's own commit: both deliveries report success, one transfer counted twice",
+)
+@pytest.mark.parametrize(
+    "first_send", [committed_meanwhile, slowed_down_meanwhile], ids=["dropped", "slowdown-503"]
+)
+def test_s3_a_put_lost_before_s3_while_a_redelivery_commits_is_a_skip_not_a_success(
+    aws_env: str, monkeypatch: pytest.MonkeyPatch, first_send: Any
+) -> None:
+    """Two deliveries of one event race (a visibility timeout ran out mid-transfer). Ours sends
+    its PutObject; the relay drops it BEFORE S3, or answers it 503 SlowDown (either way nothing
+    of ours is applied: botocore's RetryAttempts counts every retry, whatever its cause, see
+    botocore/endpoint.py _send_request), the redelivery
+    commits the same bytes with the same record, botocore resends ours: 412. This delivery wrote
+    nothing: it is skipped already_applied (as it is when the 412 comes on the first send). It
+    is reported success with the object's bytes as transferred: a skip counted as a success."""
+    side = s3_side()
+    side.put("src/a", data := os.urandom(3000))
+    event = event_for(side.ref("src/a"), side.ref("out"), NEW)
+    results: dict[str, tw.TransferResult] = {}
+
+    def redelivery_commits() -> None:  # straight to moto, not through the relay
+        results["redelivery"] = tw.TransferEngine({"aws_s3": side.store}).transfer(event)
+
+    proxy = first_send(aws_env, "out", redelivery_commits)
+    try:
+        store = relayed_store(monkeypatch, "aws_s3", proxy.url)
+        results["ours"] = tw.TransferEngine({"aws_s3": store}).transfer(event)
+        puts = [p for m, p in proxy.seen if m == "PUT" and p.endswith("/out")]
+    finally:
+        proxy.close()
+    assert proxy.injected == 1 and len(puts) == 2, puts  # dropped before S3, then the resend: 412
+    assert results["redelivery"].outcome == "success"
+    head = boto3.client("s3").head_object(Bucket=side.bucket, Key="out")
+    assert head["Metadata"][tw.META_EVENT_ID] == event.event_id and side.read("out") == data
+    # exactly one delivery wrote the object: one success, one skip
+    outcomes = sorted(r.outcome for r in results.values())
+    seen = {name: (r.outcome, r.reason) for name, r in results.items()}
+    assert outcomes == ["skipped", "success"], seen
+
+
+# -- (e) local store: keys with empty components ---------------------------------------------------
+
+
+def local_commit(store: tw.LocalObjectStore, ref: tw.ObjectRef, data: bytes) -> None:
+    upload = store.open_write(ref, size=len(data), content_type="text/plain", metadata={})
+    upload.write(data)
+    upload.commit({})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding W2b-2: _open_key_directory skips empty components ('a//f' is a/f to the "
+    "system), so two distinct object keys share one local file: a key never written shows "
+    "another key's bytes, and a commit of one replaces the other",
+)
+def test_a_local_key_with_an_empty_component_is_not_another_keys_object(tmp_path: Path) -> None:
+    """S3 and GCS keys 'a/f' and 'a//f' are two objects. In local mode only 'a/f' is written;
+    'a//f' must be absent (or refused invalid_key), never 'a/f''s bytes."""
+    store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
+    local_commit(store, tw.ObjectRef("gcp_gcs", "dst", "a/f"), b"the bytes of a/f")
+    assert store.head(tw.ObjectRef("gcp_gcs", "dst", "a//f")) is None
+
+
+# -- (e) local store: a directory whose maker died before syncing it -------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding W2b-3: _make_below/_make_directories sync a parent only when THIS commit's "
+    "mkdir made the directory ('made meanwhile: its maker syncs it'); a maker killed between "
+    "its mkdir and its fsync (the flock is released by the kernel) leaves a directory whose "
+    "entry no later commit syncs, and their objects are acknowledged undurable",
+)
+def test_a_commit_into_a_directory_whose_maker_died_unsynced_syncs_its_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed commit left bucket/new made but its entry in bucket never synced. The next commit
+    into new/ must sync that entry before it reports done: nothing else ever will."""
+    store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
+    bucket = store.bucket_dir("dst")
+    bucket.mkdir(parents=True)
+    os.mkdir(bucket / "new")  # the dead maker's mkdir, without its fsync of bucket
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    local_commit(store, tw.ObjectRef("gcp_gcs", "dst", "new/key"), b"acknowledged")
+    assert str(bucket) in synced, synced
+
+
+# -- (d) dlq: the copies of one message in two forms -----------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding W2b-4: _message_key groups copies by the envelope's body TEXT and "
+    "body_encoding, not the body's bytes: one message dead-lettered plain on one delivery and "
+    "zlib+base64 on the next (its error text grew past the limit) is two messages, sent twice",
+)
+def test_copies_of_one_message_in_plain_and_compressed_form_are_one_message() -> None:
+    """Same message id, same event, same body bytes; the second delivery's longer error made only
+    the compressed form fit. Both copies are the one message: redriven once."""
+    body = json.dumps({"eventId": "e-1", "pad": "x" * 500}).encode()
+    plain = envelope(body, message_id="m1", error="short")
+    packed = {**envelope(body, message_id="m1", error="long " * 100), **tw._compressed_fields(body)}
+    assert tw.envelope_body(packed) == tw.envelope_body(plain) == body
+    entries = [tw.DeadLetter(plain, "h1"), tw.DeadLetter(packed, "h2")]
+    assert len(tw.copies_by_message(entries)) == 1
+
+
+# -- (e) local store: the root the worker makes ----------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding W2b-5: LocalMetadata.__init__ (and LocalObjectStore.check) make the local "
+    "root with Path.mkdir(parents=True) and sync nothing; _make_directories then stops at the "
+    "root (it exists), so the root's own entry, and the entries of any parents made with it, "
+    "are never synced: a power loss after the first acknowledged commit can lose the whole "
+    "root, objects and metadata.db",
+)
+def test_a_local_root_the_worker_makes_is_synced_in_its_parent_before_a_commit_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--local-root names a directory that does not exist yet: the first commit is acknowledged
+    only once the root's entry (in tmp_path) is on disk too, as every directory below it is."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "fresh-root"
+    store = tw.LocalObjectStore(root, "gcp_gcs")
+    local_commit(store, tw.ObjectRef("gcp_gcs", "dst", "key"), b"acknowledged")
+    assert str(root) in synced  # the control: gcp_gcs's entry in the root is synced
+    assert str(tmp_path) in synced, synced
