@@ -209,3 +209,54 @@ def test_a_local_root_the_worker_makes_is_synced_in_its_parent_before_a_commit_i
     local_commit(store, tw.ObjectRef("gcp_gcs", "dst", "key"), b"acknowledged")
     assert str(root) in synced  # the control: gcp_gcs's entry in the root is synced
     assert str(tmp_path) in synced, synced
+
+
+# -- (c) dead letters: a limit that could not be read ----------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding W2b-6: SQSPublisher.max_message_bytes falls back to 256 KiB when the DLQ's "
+    "MaximumMessageSize cannot be read (denied: the permission is optional), and "
+    "publish_envelope then raises DeadLetterTooLarge, sending NOTHING, for a dead letter the "
+    "1 MiB queue takes: the event is never dead-lettered with its reason (a queue without a "
+    "redrive policy redelivers it for ever); the docstring says stating less 'only costs the "
+    "largest events their error text or a compressed body'",
+)
+def test_a_dead_letter_the_queue_takes_is_sent_when_its_limit_cannot_be_read(
+    aws_env: str, tmp_path: Path
+) -> None:
+    """1 MiB work and dead-letter queues (SQS's default since 2025), a role without
+    sqs:GetQueueAttributes on the DLQ, and a 300 KiB event that is invalid and whose padding
+    barely compresses: the worker raises DeadLetterTooLarge (its 256 KiB guess) instead of
+    sending the 300 KiB attribute form that the queue would take."""
+    import io
+
+    from tests.test_deadletter_size import (
+        MiB,
+        Refusing,
+        SizedSends,
+        held,
+        incompressible_event,
+        make_queues,
+        worker_on,
+    )
+
+    client = boto3.client("sqs", endpoint_url=aws_env)
+    url, dlq = make_queues(client, 1 * MiB)
+    body = incompressible_event(300 * 1024)
+    client.send_message(QueueUrl=url, MessageBody=body.decode())
+    config = tw.Config(
+        local_root=str(tmp_path), queue=url, http_port=0, visibility_timeout=30,
+        max_message_bytes=1 * MiB,
+    )  # fmt: skip
+    sends = SizedSends(Refusing(client, "AccessDenied", 403), limit=1 * MiB)
+    queue = tw.SQSQueue(config, tw.SQSPublisher(dlq, config, client=sends), client=client)
+    log, metrics = io.StringIO(), tw.Metrics()
+    worker_on(config, queue, log, metrics).run(once=True)
+    too_large = metrics.registry.get_sample_value(
+        "dead_letters_too_large_total", {"reason": "invalid_event"}
+    )
+    assert too_large is None, log.getvalue()[-1500:]
+    [envelope] = held(client, dlq)
+    assert envelope["reason"] == "invalid_event" and tw.envelope_body(envelope) == body
