@@ -129,6 +129,20 @@ def test_a_local_key_with_an_empty_component_is_not_another_keys_object(tmp_path
     assert store.head(tw.ObjectRef("gcp_gcs", "dst", "a//f")) is None
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding W2b-7: a key ending in '/' (an S3 or GCS 'folder' marker) has the empty "
+    "file name '' in local mode; the commit fails with destination_error naming the temp file "
+    "and '' (No such file or directory), not invalid_key saying what is wrong with the key",
+)
+def test_a_local_key_ending_in_a_slash_is_refused_as_an_invalid_key(tmp_path: Path) -> None:
+    """Bad input gets a clear error: the key, not the destination, is what cannot be written."""
+    store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
+    with pytest.raises(tw.TransferError) as refused:
+        local_commit(store, tw.ObjectRef("gcp_gcs", "dst", "folder/"), b"")
+    assert refused.value.reason == "invalid_key", refused.value
+
+
 # -- (e) local store: a directory whose maker died before syncing it -------------------------------
 
 
