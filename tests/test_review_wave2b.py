@@ -311,3 +311,26 @@ def test_a_local_queue_event_whose_dead_letter_never_fits_still_ends(
     )
     dead = client.receive_message(QueueUrl=dlq, WaitTimeSeconds=0).get("Messages", [])
     assert (queue.depth(), len(dead)) == (0, 1), f"{too_large} CRITICAL lines"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding W2b-9: _open_key_directory opens the bucket (and root/provider) by path, "
+    "following symlinks: a symlink below the bucket is invalid_key, but a bucket directory that "
+    "is a symlink is followed out of the root, for reads and commits alike",
+)
+def test_a_bucket_directory_that_is_a_symlink_is_not_followed_out_of_the_root(
+    tmp_path: Path,
+) -> None:
+    """Whoever can write root/aws_s3 replaces bucket 'src' by a symlink to a directory outside the
+    root: the store must refuse it as it refuses a symlinked directory inside a bucket."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"SECRET, outside the root")
+    root = tmp_path / "root"
+    (root / "aws_s3").mkdir(parents=True)
+    (root / "aws_s3" / "src").symlink_to(outside, target_is_directory=True)
+    store = tw.LocalObjectStore(root, "aws_s3")
+    with pytest.raises(tw.TransferError) as refused:
+        store.head(tw.ObjectRef("aws_s3", "src", "secret"))
+    assert refused.value.reason == "invalid_key"
