@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -436,3 +437,83 @@ def test_a_real_path_still_names_the_local_queue(
     path = spelling.format(root=tmp_path)
     assert tw.main(["submit", "--to", path, str(EXAMPLE)]) == 0
     assert tw.LocalQueue(tmp_path / path).depth() == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# 7. `make run` and Ctrl-C
+# -------------------------------------------------------------------------------------------------
+
+
+def make_clone(tmp_path: Path) -> Path:
+    """The Makefile in a clone whose .venv is installed already (so `make run` installs nothing),
+    its transfer-worker this checkout's module."""
+    clone = tmp_path / "clone"
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(ROOT / "Makefile", clone / "Makefile")
+    for name in ("requirements.txt", "pyproject.toml"):
+        (clone / name).touch()
+        earlier = (clone / name).stat().st_mtime - 10  # older than .installed: nothing to do
+        os.utime(clone / name, (earlier, earlier))
+    (clone / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    worker = clone / ".venv" / "bin" / "transfer-worker"
+    worker.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "transfer_worker.py"}" "$@"\n')
+    worker.chmod(0o755)
+    (clone / ".venv" / ".installed").touch()
+    return clone
+
+
+def start_make_run(clone: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`make run` as a terminal starts it: its own process group, SIGINT at its default."""
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            ["make", "run"],
+            cwd=clone,
+            env=clean_env(TRANSFER_WORKER_LOCAL_ROOT=str(clone / "root"), **env),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while text not in log.read_text(errors="replace"):
+        assert process.poll() is None, log.read_text(errors="replace")
+        assert time.monotonic() < deadline, f"no {text!r} in {log.read_text()}"
+        time.sleep(0.02)
+
+
+def test_make_run_says_nothing_of_a_second_ctrl_c(tmp_path: Path) -> None:
+    """Ctrl-C twice (the terminal signals make, its shell and the worker): the worker stops at
+    once (exit 130, no "Worker stopped") and make prints no `make: *** ... Error 130`."""
+    if shutil.which("make") is None:
+        _unavailable("make not on PATH")
+    clone, log = make_clone(tmp_path), tmp_path / "make.log"
+    make = start_make_run(clone, log, TRANSFER_WORKER_HTTP_PORT="0")
+    try:
+        wait_for_line(log, "Worker started", make)
+        os.killpg(make.pid, signal.SIGINT)
+        wait_for_line(log, "Shutdown requested", make)
+        os.killpg(make.pid, signal.SIGINT)
+        make.wait(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(make.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Worker stopped" not in text, "the worker drained before the second Ctrl-C: " + text
+    assert "make: ***" not in text, text
+    assert text.startswith(".venv/bin/transfer-worker run\n"), text
+
+
+def test_make_run_still_fails_on_a_setting_error(tmp_path: Path) -> None:
+    """Exits other than the second Ctrl-C's are still make's errors, with the worker's status."""
+    if shutil.which("make") is None:
+        _unavailable("make not on PATH")
+    clone, log = make_clone(tmp_path), tmp_path / "make.log"
+    with held_port() as port:
+        make = start_make_run(clone, log, TRANSFER_WORKER_HTTP_PORT=str(port))
+        code = make.wait(timeout=TIMEOUT)
+    text = log.read_text()
+    assert code == 2, text
+    assert "--http-port (TRANSFER_WORKER_HTTP_PORT)" in text and "] Error 2" in text, text
