@@ -26,8 +26,12 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt pyproject.toml | $
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# Ctrl-C: the worker finishes what is under way and exits 0. A second Ctrl-C stops it at once, exit
+# 130, which is the operator's choice, not a failure: the trap keeps the shell waiting for the
+# worker rather than dying with it, and make says nothing of either. Other exits still fail.
 run: install
-	$(BIN)/transfer-worker run
+	@echo '$(BIN)/transfer-worker run'
+	@trap : INT; $(BIN)/transfer-worker run || { status=$$?; [ $$status -eq 130 ] || exit $$status; }
 
 test: install-dev
 	$(BIN)/python -m pytest

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.server
 import io
 import json
 import os
@@ -16,8 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -66,25 +69,36 @@ def needed_tools() -> None:
         _unavailable(f"fake-gcs-server unavailable ({exc}); make install-dev")
 
 
-def test_readme_cloud_storage_block_moves_a_gcs_object_to_s3(tmp_path: Path) -> None:
-    """The block as written (its ports made free ones), in a clone's layout, in a shell without
-    cloud settings: every line succeeds in order, with no waiting in between, and the S3 copy
-    is the GCS object."""
+def block_in_clone(tmp_path: Path, moto_port: int) -> tuple[str, Path, int]:
+    """The block with ``moto_port`` for its 5001 and a free port for its 4443 (returned), and a
+    clone's layout to paste it in."""
     needed_tools()
     block = marked_block()
     assert "run --once --storage cloud" in block and "--allowed-buckets" in block
-    block = re.sub(r"\b5000\b", str(free_port()), block)
-    block = re.sub(r"\b4443\b", str(free_port()), block)
-    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
-    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    block = re.sub(r"\b5001\b", str(moto_port), block)
+    gcs_port = free_port()
+    block = re.sub(r"\b4443\b", str(gcs_port), block)
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    shutil.copytree(ROOT / "examples", clone / "examples")
+    (tmp_path / "tmp").mkdir()
+    return block, clone, gcs_port
+
+
+def paste(block: str, clone: Path, tmp_path: Path, http_port: int) -> tuple[int, str]:
+    """The block in a shell without cloud settings, in which `make run`'s setting is what a
+    worker without its own --http-port would take (TRANSFER_WORKER_HTTP_PORT, held by the
+    caller); its exit status and output."""
     env = clean_env(
-        TRANSFER_WORKER_HTTP_PORT="0",
+        TRANSFER_WORKER_HTTP_PORT=str(http_port),
+        TMPDIR=str(tmp_path / "tmp"),  # where its mktemp -d goes
         AWS_CONFIG_FILE=str(tmp_path / "aws-config"),  # nothing of the user's ~/.aws
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"),
     )
     shell = subprocess.Popen(
-        ["bash", "-e", "-o", "pipefail", "-c", block],
-        cwd=tmp_path,
+        ["bash", "-c", block],
+        cwd=clone,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -96,13 +110,96 @@ def test_readme_cloud_storage_block_moves_a_gcs_object_to_s3(tmp_path: Path) -> 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(shell.pid, signal.SIGKILL)
         shell.wait(timeout=10)
-    text = out.decode(errors="replace")
-    assert shell.returncode == 0, text[-4000:]
+    return shell.returncode, out.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A port something listens on and never answers: `make run`'s 8080, an earlier moto."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_readme_cloud_storage_block_moves_objects_both_ways(tmp_path: Path) -> None:
+    """The block as written (its ports made free ones), in a clone's layout, next to a `make
+    run` holding the default HTTP port: every line succeeds in order, with no waiting in
+    between; the S3 copy is the GCS object and the GCS copy the S3 object; the logs and files
+    are in the temporary directory it names, none in the clone."""
+    block, clone, _ = block_in_clone(tmp_path, free_port())
+    with held_port() as make_run_port:
+        code, text = paste(block, clone, tmp_path, make_run_port)
+    assert code == 0, text[-4000:]
     assert "the copy in S3 is the GCS object, byte for byte" in text
-    assert (tmp_path / "copy.parquet").read_bytes() == (tmp_path / "file.parquet").read_bytes()
-    [done] = [json.loads(line) for line in text.splitlines() if '"outcome": "success"' in line]
-    assert done["source"] == "gs://source-data-bucket/data/2024/01/file.parquet"
-    assert done["destination"] == "s3://destination-data-bucket/imports/2024/01/file.parquet"
+    assert "the copy in GCS is the S3 object, byte for byte" in text
+    [work] = re.findall(r"^working in (.+)$", text, re.M)
+    work_dir = Path(work)
+    assert work_dir.parent == tmp_path / "tmp"
+    for copy in ("copy.parquet", "gcs-copy.parquet"):
+        assert (work_dir / copy).read_bytes() == (work_dir / "file.parquet").read_bytes()
+    assert sorted(p.name for p in clone.iterdir()) == [".venv", "examples"]
+    done = [json.loads(line) for line in text.splitlines() if '"outcome": "success"' in line]
+    assert [(d["source"], d["destination"]) for d in done] == [
+        (
+            "gs://source-data-bucket/data/2024/01/file.parquet",
+            "s3://destination-data-bucket/imports/2024/01/file.parquet",
+        ),
+        (
+            "s3://source-data-bucket/data/2024/01/file.parquet",
+            "gs://destination-data-bucket/imports/2024/01/file.parquet",
+        ),
+    ]
+
+
+class Answering(http.server.BaseHTTPRequestHandler):
+    """An earlier section's moto, as far as a readiness probe can tell: 200 to everything."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def answering_port() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("holder", "says"),
+    [
+        (answering_port, "port {port} is taken: stop the server on it first"),
+        (held_port, "the server of http://127.0.0.1:{port}/moto-api/config exited"),
+    ],
+    ids=["answering", "silent"],
+)
+def test_readme_cloud_storage_block_stops_when_its_moto_port_is_taken(
+    tmp_path: Path, holder: Callable[[], contextlib.AbstractContextManager[int]], says: str
+) -> None:
+    """Pasted while an earlier server holds its moto port (one that answers, as the previous
+    section's moto does, or one that never does, so its own moto exits): the block names the
+    port or the server that exited, stops before submitting anything, and leaves no server of
+    its own running (its fake-gcs-server's port is free again)."""
+    with holder() as port, held_port() as make_run_port:
+        block, clone, gcs_port = block_in_clone(tmp_path, port)
+        code, text = paste(block, clone, tmp_path, make_run_port)
+    assert code != 0, text[-4000:]
+    assert says.format(port=port) in text, text[-4000:]
+    assert "submitted" not in text
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", gcs_port)) != 0, "fake-gcs-server left running"
 
 
 def test_readme_by_hand_names_the_emulator_that_enforces_generations() -> None:
@@ -340,3 +437,83 @@ def test_a_real_path_still_names_the_local_queue(
     path = spelling.format(root=tmp_path)
     assert tw.main(["submit", "--to", path, str(EXAMPLE)]) == 0
     assert tw.LocalQueue(tmp_path / path).depth() == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# 7. `make run` and Ctrl-C
+# -------------------------------------------------------------------------------------------------
+
+
+def make_clone(tmp_path: Path) -> Path:
+    """The Makefile in a clone whose .venv is installed already (so `make run` installs nothing),
+    its transfer-worker this checkout's module."""
+    clone = tmp_path / "clone"
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(ROOT / "Makefile", clone / "Makefile")
+    for name in ("requirements.txt", "pyproject.toml"):
+        (clone / name).touch()
+        earlier = (clone / name).stat().st_mtime - 10  # older than .installed: nothing to do
+        os.utime(clone / name, (earlier, earlier))
+    (clone / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    worker = clone / ".venv" / "bin" / "transfer-worker"
+    worker.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "transfer_worker.py"}" "$@"\n')
+    worker.chmod(0o755)
+    (clone / ".venv" / ".installed").touch()
+    return clone
+
+
+def start_make_run(clone: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`make run` as a terminal starts it: its own process group, SIGINT at its default."""
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            ["make", "run"],
+            cwd=clone,
+            env=clean_env(TRANSFER_WORKER_LOCAL_ROOT=str(clone / "root"), **env),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while text not in log.read_text(errors="replace"):
+        assert process.poll() is None, log.read_text(errors="replace")
+        assert time.monotonic() < deadline, f"no {text!r} in {log.read_text()}"
+        time.sleep(0.02)
+
+
+def test_make_run_says_nothing_of_a_second_ctrl_c(tmp_path: Path) -> None:
+    """Ctrl-C twice (the terminal signals make, its shell and the worker): the worker stops at
+    once (exit 130, no "Worker stopped") and make prints no `make: *** ... Error 130`."""
+    if shutil.which("make") is None:
+        _unavailable("make not on PATH")
+    clone, log = make_clone(tmp_path), tmp_path / "make.log"
+    make = start_make_run(clone, log, TRANSFER_WORKER_HTTP_PORT="0")
+    try:
+        wait_for_line(log, "Worker started", make)
+        os.killpg(make.pid, signal.SIGINT)
+        wait_for_line(log, "Shutdown requested", make)
+        os.killpg(make.pid, signal.SIGINT)
+        make.wait(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(make.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Worker stopped" not in text, "the worker drained before the second Ctrl-C: " + text
+    assert "make: ***" not in text, text
+    assert text.startswith(".venv/bin/transfer-worker run\n"), text
+
+
+def test_make_run_still_fails_on_a_setting_error(tmp_path: Path) -> None:
+    """Exits other than the second Ctrl-C's are still make's errors, with the worker's status."""
+    if shutil.which("make") is None:
+        _unavailable("make not on PATH")
+    clone, log = make_clone(tmp_path), tmp_path / "make.log"
+    with held_port() as port:
+        make = start_make_run(clone, log, TRANSFER_WORKER_HTTP_PORT=str(port))
+        code = make.wait(timeout=TIMEOUT)
+    text = log.read_text()
+    assert code == 2, text
+    assert "--http-port (TRANSFER_WORKER_HTTP_PORT)" in text and "] Error 2" in text, text
