@@ -119,6 +119,10 @@ META_SHA256 = META_PREFIX + "sha256"
 META_EVENT_ID = META_PREFIX + "event-id"
 META_EVENT_TIME = META_PREFIX + "event-time"
 META_SOURCE = META_PREFIX + "source"
+# A random value each S3 commit attempt writes with its object (PutObject, CreateMultipartUpload):
+# a commit refused on botocore's resend is this attempt's own only if the object carries it (an
+# event id, bytes and ETag can be a redelivery's too). 16 hex: 38 bytes, in the record's 2 KB.
+META_COMMIT = META_PREFIX + "commit"
 # The source's own CRC32C (hex), recorded instead of the SHA-256 where that is not known when the
 # destination fixes its metadata (a large GCS source without the event's checksumSHA256, to S3).
 META_CRC32C = META_PREFIX + "crc32c"
@@ -2738,8 +2742,9 @@ _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 def _s3_metadata_out(metadata: Mapping[str, str]) -> dict[str, str]:
     """Metadata as S3 accepts it: names lowercased HTTP tokens, values ASCII, within 2 KB. The
-    worker's own record always fits (at most 2,005 bytes: a 1,024-byte emoji key in a 222-byte
-    GCS bucket, encoded, is the largest source URI; test_keys measures it);
+    worker's own record always fits (at most 2,043 bytes with the commit's META_COMMIT: a
+    1,024-byte emoji key in a 222-byte GCS bucket, encoded, is the largest source URI;
+    test_keys and test_commit_nonce measure it);
     metadata that cannot be held as it is is refused with metadata_unrepresentable, never cut:
     a name that is not a token, two names that differ only in case, more than 2 KB."""
     sent: dict[str, str] = {}
@@ -3086,14 +3091,6 @@ def _refuse_if_gone(ref: ObjectRef, exc: RetryableError) -> None:
         ) from exc
 
 
-def _records(there: ObjectInfo, record: Mapping[str, str]) -> bool:
-    """``there`` carries the worker's ``record`` whole (the event, the source version read, the
-    digest of the bytes: a SHA-256, or the source's CRC32C that S3 checked at the commit)."""
-    ours = {name: value for name, value in record.items() if name.startswith(META_PREFIX)}
-    has_digest = META_SHA256 in ours or META_CRC32C in ours
-    return has_digest and all(there.recorded(name) == value for name, value in ours.items())
-
-
 def _with_sha256_placeholder(metadata: Mapping[str, str]) -> dict[str, str]:
     """The largest record a commit may write: the SHA-256 in place of a recorded CRC32C."""
     return {**{k: v for k, v in metadata.items() if k != META_CRC32C}, META_SHA256: "0" * 64}
@@ -3122,8 +3119,10 @@ class S3Upload:
         self.content_type, self.metadata = content_type, dict(metadata)
         # Standard fields, storage class and encryption: fixed at PutObject or at creation.
         self.upload_args = dict(upload_args or {})
+        # This attempt's mark on the object it commits (META_COMMIT, see _holds_this_commit).
+        self.nonce = uuid.uuid4().hex[:16]
         # Refused here, before any byte moves, if S3 cannot hold it with the SHA-256 to come.
-        _s3_metadata_out(_with_sha256_placeholder(metadata))
+        self._metadata_out(_with_sha256_placeholder(metadata))
         self.client = store.client(ref)
         # PutObject and CompleteMultipartUpload write only if the key is still as planned.
         self.condition = {"IfMatch": replaces} if replaces else {"IfNoneMatch": "*"}
@@ -3174,7 +3173,7 @@ class S3Upload:
                     Bucket=self.ref.bucket,
                     Key=self.ref.key,
                     ContentType=self.content_type,
-                    Metadata=_s3_metadata_out(self.metadata),
+                    Metadata=self._metadata_out(self.metadata),
                     **checksum,
                     **self.upload_args,
                 )
@@ -3187,6 +3186,10 @@ class S3Upload:
         # once it is old: at a later transfer of the key, or the event's retries_exhausted.
         self._abort_others(keep=self.upload_id)
         self.executor = ThreadPoolExecutor(self.store.window, thread_name_prefix="s3-part")
+
+    def _metadata_out(self, metadata: Mapping[str, str]) -> dict[str, str]:
+        """``metadata`` as S3 gets it, with this attempt's nonce."""
+        return _s3_metadata_out({**metadata, META_COMMIT: self.nonce})
 
     def _abort_others(self, keep: str | None) -> None:
         """Uploads of this key other than ours: a killed worker's, or a lost create's. Best
@@ -3319,14 +3322,12 @@ class S3Upload:
                     Key=self.ref.key,
                     Body=body,
                     ContentType=self.content_type,
-                    Metadata=_s3_metadata_out(metadata),
+                    Metadata=self._metadata_out(metadata),
                     **extra,
                     **self.condition,
                 )
         except CommitRefused as exc:
-            # A PutObject's ETag is the MD5 of its body, unless S3 encrypts it with a key.
-            md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
-            if not self._holds_this_commit(exc, metadata, etag=md5):
+            if not self._holds_this_commit(exc):
                 raise
 
     def _would_keep_the_etag(self, body: bytes) -> bool:
@@ -3363,7 +3364,7 @@ class S3Upload:
                     **self.condition,
                 )
         except CommitRefused as exc:
-            if _aws_code(exc.__cause__) != "NoSuchUpload" or not self._completed(exc, parts):
+            if not self._holds_this_commit(exc):
                 raise
         self._stop_executor()
 
@@ -3374,45 +3375,21 @@ class S3Upload:
             return {}
         return {"ChecksumCRC32C": _b64(bytes.fromhex(self.crc32c)), "ChecksumType": "FULL_OBJECT"}
 
-    def _completed(self, refused: CommitRefused, parts: Sequence[Mapping[str, Any]]) -> bool:
-        """A NoSuchUpload at the completion: is the object at the key this upload's? A
-        completion whose answer was lost is sent again by botocore, and S3 answers the repeat
-        NoSuchUpload: the upload is complete, so gone. Re-planning then counted our own commit
-        skipped (already_applied), under every --overwrite. Ours: the ETag S3 gives a
-        multipart object of exactly these parts (the MD5 of their ETags, "-<count>"), and this
-        event on record. Anything else (another delivery aborted us) re-plans as before."""
-        etags = [str(part["ETag"]).strip('"') for part in parts]
-        etag = None  # part ETags that are not MD5s (SSE-KMS): the record must say it
-        if all(_PLAIN_MD5.match(tag) for tag in etags):
-            digests = b"".join(bytes.fromhex(tag) for tag in etags)
-            etag = f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
-        return self._holds_this_commit(refused, self.metadata, etag=etag)
-
-    def _holds_this_commit(
-        self, refused: CommitRefused, record: Mapping[str, str], *, etag: str | None
-    ) -> bool:
-        """A commit refused (412, NoSuchUpload) when botocore sent it again: was the first send
-        applied, so that the refusal is our own commit's? Re-planning then found this event on
-        record and counted the object it wrote skipped (already_applied). Ours: the object at
-        the key has ``etag``, the ETag S3 gives our bytes, and names this event; where that
-        ETag is unknown (None) or no digest of the bytes (SSE-KMS), it carries our whole
-        record, digest included. A refusal of the first send is another writer's commit (a
-        redelivery's of this event too), and so is any other object: the engine re-plans."""
+    def _holds_this_commit(self, refused: CommitRefused) -> bool:
+        """A commit refused (412, or NoSuchUpload: a completed upload is gone) when botocore sent
+        it again: was the first send applied, so that the refusal is our own commit's?
+        Re-planning then found this event on record and counted our object skipped
+        (already_applied). botocore counts a retry whatever its cause (a send refused before S3,
+        a 503), and a redelivery of this event may have committed the same bytes and record
+        meanwhile: only this attempt's nonce, written with its request, says the object is ours
+        (under SSE-KMS too, where the ETag is no digest). Anything else re-plans."""
         if not _aws_resent(refused):
             return False  # nothing of ours reached S3 before this answer
         try:
             there = self.store.head(self.ref)
         except PermanentError:
             return False
-        if there is None or there.recorded(META_EVENT_ID) != record.get(META_EVENT_ID):
-            return False
-        version = there.version.strip('"')
-        if etag is not None and version == etag:
-            return True
-        # A single-part object under SSE-KMS or SSE-C: its ETag is no digest of its bytes, so
-        # our whole record (the digest of our bytes in it) must say the object is ours.
-        encrypted = bool(_PLAIN_MD5.match(version)) and "md5" not in there.checksums
-        return (etag is None or encrypted) and _records(there, record)
+        return there is not None and there.recorded(META_COMMIT) == self.nonce
 
     @contextlib.contextmanager
     def _conditional(self) -> Iterator[None]:
@@ -5012,7 +4989,7 @@ def _is_record(name: str) -> bool:
     records is lowercase, so transfer-worker-source-Expires is refused, not dropped)."""
     return (
         name in LEGACY_META
-        or name == META_CRC32C
+        or name in (META_CRC32C, META_COMMIT)
         or (name.startswith(META_SOURCE_ATTRIBUTE) and name.islower())
     )
 

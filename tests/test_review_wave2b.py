@@ -61,13 +61,6 @@ def slowed_down_meanwhile(upstream: str, key: str, meanwhile: Callable[[], None]
 # -- (a) a 412 on botocore's resend: a racing delivery of the same event ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-1: _holds_this_commit takes RetryAttempts > 0 as 'our first send may "
-    "have been applied', but botocore counts a first attempt that never reached S3 too; a "
-    "redelivery of the same event (same bytes, same record) committed meanwhile is then claimed "
-    "as this delivery's own commit: both deliveries report success, one transfer counted twice",
-)
 @pytest.mark.parametrize(
     "first_send", [committed_meanwhile, slowed_down_meanwhile], ids=["dropped", "slowdown-503"]
 )
