@@ -1141,10 +1141,14 @@ class LocalObjectStore:
         """The file of ``ref`` as a path (LocalUpload.path); uses reach it by _key_directory().
         The key was already refused if it has '..', '.', a leading '/' or a control character;
         what is left is a symlink inside the bucket pointing elsewhere, which _key_directory()
-        refuses in the key's directories. The last component is checked where it is used: head()
-        refuses a symlink, reads open with O_NOFOLLOW, a commit links or renames onto the name."""
+        refuses in the key's directories, and an empty component, refused here. The last
+        component is checked where it is used: head() refuses a symlink, reads open with
+        O_NOFOLLOW, a commit links or renames onto the name."""
         check_key(ref.key)
-        _check_name_lengths(ref, ref.key.split("/"))
+        parts = ref.key.split("/")
+        _check_name_lengths(ref, parts)
+        if "" in parts:
+            raise _empty_component_error(ref)
         return f"{self._root}/{self.provider}/{ref.bucket}/{ref.key}"
 
     @contextlib.contextmanager
@@ -1194,6 +1198,17 @@ def _check_name_lengths(ref: ObjectRef, parts: list[str]) -> None:
                 f"{LOCAL_NAME_MAX} bytes",
                 reason="invalid_key",
             )
+
+
+def _empty_component_error(ref: ObjectRef) -> InvalidEvent:
+    """'a//f' and 'a/f' are two keys on S3 and GCS but one path to the filesystem, and 'a/' (a
+    "folder" marker) names no file: local mode would show one key's bytes as the other's, and a
+    commit of one would replace the other (review wave 2b, findings 2 and 7)."""
+    return InvalidEvent(
+        f"key {ref.key!r} has an empty path component ('//', or a trailing '/'): local mode "
+        "cannot hold such keys; use a cloud store",
+        reason="invalid_key",
+    )
 
 
 def _symlink_error(ref: ObjectRef) -> InvalidEvent:
@@ -1359,9 +1374,8 @@ def _open_key_directory(
     if on_mkdir is not None and not os.path.isdir(bucket):
         _make_directories(bucket, on_mkdir)
     fd = os.open(bucket, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for name in directories:
-        if name:  # 'a//b' is a/b, as the path _path() gives it is to the system
-            fd = _open_below(fd, name, ref, on_mkdir)
+    for name in directories:  # none is empty: _path() refused the key
+        fd = _open_below(fd, name, ref, on_mkdir)
     return fd
 
 

@@ -115,26 +115,21 @@ def local_commit(store: tw.LocalObjectStore, ref: tw.ObjectRef, data: bytes) -> 
     upload.commit({})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-2: _open_key_directory skips empty components ('a//f' is a/f to the "
-    "system), so two distinct object keys share one local file: a key never written shows "
-    "another key's bytes, and a commit of one replaces the other",
-)
 def test_a_local_key_with_an_empty_component_is_not_another_keys_object(tmp_path: Path) -> None:
     """S3 and GCS keys 'a/f' and 'a//f' are two objects. In local mode only 'a/f' is written;
     'a//f' must be absent (or refused invalid_key), never 'a/f''s bytes."""
     store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
     local_commit(store, tw.ObjectRef("gcp_gcs", "dst", "a/f"), b"the bytes of a/f")
-    assert store.head(tw.ObjectRef("gcp_gcs", "dst", "a//f")) is None
+    doubled = tw.ObjectRef("gcp_gcs", "dst", "a//f")
+    with pytest.raises(tw.TransferError) as refused:
+        store.head(doubled)
+    assert refused.value.reason == "invalid_key" and "cloud store" in str(refused.value)
+    with pytest.raises(tw.TransferError) as refused:
+        local_commit(store, doubled, b"would replace a/f")
+    assert refused.value.reason == "invalid_key"
+    assert (store.bucket_dir("dst") / "a" / "f").read_bytes() == b"the bytes of a/f"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-7: a key ending in '/' (an S3 or GCS 'folder' marker) has the empty "
-    "file name '' in local mode; the commit fails with destination_error naming the temp file "
-    "and '' (No such file or directory), not invalid_key saying what is wrong with the key",
-)
 def test_a_local_key_ending_in_a_slash_is_refused_as_an_invalid_key(tmp_path: Path) -> None:
     """Bad input gets a clear error: the key, not the destination, is what cannot be written."""
     store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
