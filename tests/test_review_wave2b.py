@@ -141,13 +141,6 @@ def test_a_local_key_ending_in_a_slash_is_refused_as_an_invalid_key(tmp_path: Pa
 # -- (e) local store: a directory whose maker died before syncing it -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-3: _make_below/_make_directories sync a parent only when THIS commit's "
-    "mkdir made the directory ('made meanwhile: its maker syncs it'); a maker killed between "
-    "its mkdir and its fsync (the flock is released by the kernel) leaves a directory whose "
-    "entry no later commit syncs, and their objects are acknowledged undurable",
-)
 def test_a_commit_into_a_directory_whose_maker_died_unsynced_syncs_its_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,14 +185,6 @@ def test_copies_of_one_message_in_plain_and_compressed_form_are_one_message() ->
 # -- (e) local store: the root the worker makes ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-5: LocalMetadata.__init__ (and LocalObjectStore.check) make the local "
-    "root with Path.mkdir(parents=True) and sync nothing; _make_directories then stops at the "
-    "root (it exists), so the root's own entry, and the entries of any parents made with it, "
-    "are never synced: a power loss after the first acknowledged commit can lose the whole "
-    "root, objects and metadata.db",
-)
 def test_a_local_root_the_worker_makes_is_synced_in_its_parent_before_a_commit_is_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
