@@ -891,6 +891,30 @@ def open_sqlite(path: Path) -> sqlite3.Connection:
     return db
 
 
+class SyncedEntries:
+    """The directories whose entry in their parent this process has synced, by device and inode.
+    A directory made by a process killed between its mkdir and that fsync stays unsynced, and a
+    later mkdir of it fails (EEXIST) instead of syncing: so a commit syncs the entry of each
+    directory on its path the first time this process uses it (review wave 2b, finding 3), and
+    not again. At most LIMIT are remembered, all forgotten past it: the cost is one more fsync per
+    directory. Used under LocalMetadata's lock (commits) or at start-up."""
+
+    LIMIT = 16384
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[int, int]] = set()
+
+    def first_use(self, st: os.stat_result) -> bool:
+        """True the first time ``st``'s directory is seen (since forgotten); it is remembered."""
+        identity = (st.st_dev, st.st_ino)
+        if identity in self._seen:
+            return False
+        if len(self._seen) >= self.LIMIT:
+            self._seen.clear()
+        self._seen.add(identity)
+        return True
+
+
 class LocalMetadata:
     """Object metadata of local mode in ``<root>/metadata.db``, outside the object trees. A record
     describes one version of a key (its file's stat), so a file replaced by hand is never
@@ -900,7 +924,8 @@ class LocalMetadata:
     is shared by the stores of one root."""
 
     def __init__(self, root: str | Path) -> None:
-        Path(root).mkdir(parents=True, exist_ok=True)
+        self.synced = SyncedEntries()  # by every commit of this process on this root
+        _make_root(Path(root), self.synced)
         self._db = open_sqlite(Path(root) / "metadata.db")
         self._lock = threading.Lock()
         self._lock_path = Path(root) / "commit.lock"
@@ -1119,7 +1144,7 @@ class LocalObjectStore:
         )
 
     def check(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        _make_root(self.root, self.metadata.synced)
         if not os.access(self.root, os.W_OK):
             raise PermanentError(f"{self.root} is not writable", reason="destination_error")
 
@@ -1145,10 +1170,14 @@ class LocalObjectStore:
         """The file of ``ref`` as a path (LocalUpload.path); uses reach it by _key_directory().
         The key was already refused if it has '..', '.', a leading '/' or a control character;
         what is left is a symlink inside the bucket pointing elsewhere, which _key_directory()
-        refuses in the key's directories. The last component is checked where it is used: head()
-        refuses a symlink, reads open with O_NOFOLLOW, a commit links or renames onto the name."""
+        refuses in the key's directories, and an empty component, refused here. The last
+        component is checked where it is used: head() refuses a symlink, reads open with
+        O_NOFOLLOW, a commit links or renames onto the name."""
         check_key(ref.key)
-        _check_name_lengths(ref, ref.key.split("/"))
+        parts = ref.key.split("/")
+        _check_name_lengths(ref, parts)
+        if "" in parts:
+            raise _empty_component_error(ref)
         return f"{self._root}/{self.provider}/{ref.bucket}/{ref.key}"
 
     @contextlib.contextmanager
@@ -1162,9 +1191,8 @@ class LocalObjectStore:
         """
         self._path(ref)  # the key's own checks
         *directories, name = ref.key.split("/")
-        dir_fd = _open_key_directory(
-            self.bucket_dir(ref.bucket), directories, ref, on_mkdir=on_mkdir
-        )
+        syncing = _Syncing(on_mkdir, self.metadata.synced) if on_mkdir else None
+        dir_fd = _open_key_directory(self.bucket_dir(ref.bucket), directories, ref, syncing)
         try:
             yield dir_fd, name
         finally:
@@ -1198,6 +1226,17 @@ def _check_name_lengths(ref: ObjectRef, parts: list[str]) -> None:
                 f"{LOCAL_NAME_MAX} bytes",
                 reason="invalid_key",
             )
+
+
+def _empty_component_error(ref: ObjectRef) -> InvalidEvent:
+    """'a//f' and 'a/f' are two keys on S3 and GCS but one path to the filesystem, and 'a/' (a
+    "folder" marker) names no file: local mode would show one key's bytes as the other's, and a
+    commit of one would replace the other (review wave 2b, findings 2 and 7)."""
+    return InvalidEvent(
+        f"key {ref.key!r} has an empty path component ('//', or a trailing '/'): local mode "
+        "cannot hold such keys; use a cloud store",
+        reason="invalid_key",
+    )
 
 
 def _symlink_error(ref: ObjectRef) -> InvalidEvent:
@@ -1349,58 +1388,117 @@ def _refuse_non_file(name: str, dir_fd: int) -> None:
             raise FileExistsError(f"{name} exists and is not a regular file")
 
 
-# Told the parent (a descriptor, or a path above the bucket) of each directory a commit made.
+# Told the parent (a descriptor, or a path above the bucket) of each directory whose entry in it
+# must reach the disk: one a commit made, or one this process had not synced yet.
 OnMkdir = Callable[[int | Path], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Syncing:
+    """How a commit's walk syncs directory entries: ``sync`` a parent, once per directory."""
+
+    sync: OnMkdir
+    synced: SyncedEntries
+
+    def entry(self, directory: os.stat_result, parent: int | Path, made: bool = False) -> None:
+        if self.synced.first_use(directory) or made:
+            self.sync(parent)
+
+
 def _open_key_directory(
-    bucket: Path, directories: list[str], ref: ObjectRef, *, on_mkdir: OnMkdir | None = None
+    bucket: Path, directories: list[str], ref: ObjectRef, syncing: _Syncing | None = None
 ) -> int:
     """The bucket, then each directory of the key opened from the one above it with O_NOFOLLOW:
-    a symlink there is refused, never followed. With ``on_mkdir`` (a commit) missing directories
-    are made, and on_mkdir is given the parent of each one made, whose new entry must reach the
-    disk too; without it (a read) nothing is made, and a missing one is FileNotFoundError."""
-    if on_mkdir is not None and not os.path.isdir(bucket):
-        _make_directories(bucket, on_mkdir)
+    a symlink there is refused, never followed (the bucket itself, and the directories above it,
+    are the operator's and opened by path: a bucket may be a symlink to another disk). With
+    ``syncing`` (a commit) missing directories are made, and the entry of each one made or not
+    yet synced by this process is synced in its parent; without it (a read) nothing is made, and
+    a missing one is FileNotFoundError."""
+    if syncing is not None:
+        _sync_above(bucket, syncing)
     fd = os.open(bucket, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for name in directories:
-        if name:  # 'a//b' is a/b, as the path _path() gives it is to the system
-            fd = _open_below(fd, name, ref, on_mkdir)
+    for name in directories:  # none is empty: _path() refused the key
+        fd = _open_below(fd, name, ref, syncing)
     return fd
 
 
-def _make_directories(path: Path, on_mkdir: OnMkdir) -> None:
-    """mkdir -p, giving on_mkdir the parent of each directory it made."""
+def _sync_above(bucket: Path, syncing: _Syncing) -> None:
+    """The provider's directory and the bucket, made where missing, each synced in its parent
+    (the root's own entry: _make_root)."""
+    if not os.path.isdir(bucket):
+        for made in _make_directories(bucket, syncing.sync):
+            syncing.synced.first_use(os.stat(made))
+    for directory in (bucket.parent, bucket):
+        syncing.entry(os.stat(directory), directory.parent)
+
+
+def _make_root(root: Path, synced: SyncedEntries) -> None:
+    """mkdir -p of the local root, each directory made synced in its parent, and the root's entry
+    once per process if it was there already (its maker may have died before syncing it). Quietly:
+    a parent the worker may not read (mode 0711) cannot be synced, and never could be."""
+    for made in _make_directories(root, _fsync_quietly):
+        synced.first_use(os.stat(made))
+    if synced.first_use(os.stat(root)):
+        _fsync_quietly(root.parent)
+
+
+def _fsync_quietly(directory: int | Path) -> None:
+    with contextlib.suppress(OSError):
+        _fsync_dir(directory)
+
+
+def _make_directories(path: Path, on_mkdir: OnMkdir) -> list[Path]:
+    """mkdir -p, giving on_mkdir the parent of each directory it made; returns those made."""
     missing = []
     while not path.exists():
         missing.append(path)
         path = path.parent
+    made = []
     for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile: its maker syncs it
+        with contextlib.suppress(FileExistsError):  # made meanwhile: synced on its first use
             directory.mkdir()
             on_mkdir(directory.parent)
+            made.append(directory)
+    return made
 
 
-def _open_below(parent: int, name: str, ref: ObjectRef, on_mkdir: OnMkdir | None) -> int:
+def _open_below(parent: int, name: str, ref: ObjectRef, syncing: _Syncing | None) -> int:
     try:
-        if on_mkdir is not None:
-            _make_below(parent, name, on_mkdir)
-        try:
-            return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
-        except NotADirectoryError:
-            if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
-                raise _symlink_error(ref) from None
-            raise
+        made = syncing is not None and _make_below(parent, name)
+        fd = _open_directory_below(parent, name, ref)
+        if syncing is not None:
+            with _closed_on_error(fd):
+                syncing.entry(os.fstat(fd), parent, made)
+        return fd
     finally:
         os.close(parent)
 
 
-def _make_below(parent: int, name: str, on_mkdir: OnMkdir) -> None:
+def _open_directory_below(parent: int, name: str, ref: ObjectRef) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            raise _symlink_error(ref) from None
+        raise
+
+
+@contextlib.contextmanager
+def _closed_on_error(fd: int) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _make_below(parent: int, name: str) -> bool:
+    """Whether this mkdir made the directory (False: it was there, made by whoever)."""
     try:
         os.mkdir(name, dir_fd=parent)
     except FileExistsError:
-        return
-    on_mkdir(parent)
+        return False
+    return True
 
 
 def _fsync_dir(path: str | Path | int) -> None:

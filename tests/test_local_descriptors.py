@@ -161,10 +161,17 @@ def test_a_failed_sync_of_a_new_directory_is_kept_logged_and_counted_and_the_com
 def test_a_failed_parent_sync_and_a_failed_key_directory_sync_keep_the_first_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One transfer, one report: the first failure is the one kept."""
+    """One transfer, one report: the first failure is the one kept. The bucket was made by
+    hand, unsynced: the commit's first sync is gcp_gcs's entry in the root (wave 2b, finding 3),
+    then the bucket's, new/'s and the key directory's, all failing."""
     store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
     store.bucket_dir("dst").mkdir(parents=True)
-    recording_fsync(monkeypatch, lambda path: "/.tmp/" not in path)
+    synced = recording_fsync(monkeypatch, lambda path: "/.tmp/" not in path)
     upload: Any = commit(store, tw.ObjectRef("gcp_gcs", "dst", "new/key"), b"k")
-    assert upload.unsynced.filename == str(store.bucket_dir("dst"))
+    bucket = store.bucket_dir("dst")
+    assert list(without_temp(synced)) == [str(tmp_path / d) for d in ("", "gcp_gcs")] + [
+        str(bucket),
+        str(bucket / "new"),
+    ]
+    assert upload.unsynced.filename == str(tmp_path)
     assert (store.bucket_dir("dst") / "new" / "key").read_bytes() == b"k"

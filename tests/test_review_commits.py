@@ -270,8 +270,11 @@ KILL_AFTER_RENAME = textwrap.dedent(
 
     side = local_side(Path(sys.argv[2]))
     engine = tw.TransferEngine({side.provider: side.store})
-    # The file is in place (renamed / linked); the process dies before SQLite's COMMIT.
-    tw._fsync_dir = lambda path: os._exit(9)
+    # The file is in place (renamed / linked); the process dies before SQLite's COMMIT. The
+    # key directory's sync is the one by descriptor: the syncs by path before the link are of
+    # the bucket's and its parent's entries, which this process had not synced yet.
+    real_fsync_dir = tw._fsync_dir
+    tw._fsync_dir = lambda path: os._exit(9) if isinstance(path, int) else real_fsync_dir(path)
     engine.transfer(event_for(side.ref("src/new"), side.ref("out"), sys.argv[3]))
     """
 )
@@ -318,11 +321,14 @@ PAUSE_AFTER_RENAME = textwrap.dedent(
     fsync_dir = tw._fsync_dir
 
     def paused(path):
-        # The file is in place and the commit lock is held; the record is not committed yet.
-        (root / "renamed").touch()
-        deadline = time.monotonic() + 30
-        while not (root / "go").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # The key directory's sync (by descriptor; those by path before the link are of the
+        # bucket's entries): the file is in place, the commit lock is held, the record is not
+        # committed yet.
+        if isinstance(path, int):
+            (root / "renamed").touch()
+            deadline = time.monotonic() + 30
+            while not (root / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         fsync_dir(path)
 
     tw._fsync_dir = paused

@@ -108,26 +108,21 @@ def local_commit(store: tw.LocalObjectStore, ref: tw.ObjectRef, data: bytes) -> 
     upload.commit({})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-2: _open_key_directory skips empty components ('a//f' is a/f to the "
-    "system), so two distinct object keys share one local file: a key never written shows "
-    "another key's bytes, and a commit of one replaces the other",
-)
 def test_a_local_key_with_an_empty_component_is_not_another_keys_object(tmp_path: Path) -> None:
     """S3 and GCS keys 'a/f' and 'a//f' are two objects. In local mode only 'a/f' is written;
     'a//f' must be absent (or refused invalid_key), never 'a/f''s bytes."""
     store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
     local_commit(store, tw.ObjectRef("gcp_gcs", "dst", "a/f"), b"the bytes of a/f")
-    assert store.head(tw.ObjectRef("gcp_gcs", "dst", "a//f")) is None
+    doubled = tw.ObjectRef("gcp_gcs", "dst", "a//f")
+    with pytest.raises(tw.TransferError) as refused:
+        store.head(doubled)
+    assert refused.value.reason == "invalid_key" and "cloud store" in str(refused.value)
+    with pytest.raises(tw.TransferError) as refused:
+        local_commit(store, doubled, b"would replace a/f")
+    assert refused.value.reason == "invalid_key"
+    assert (store.bucket_dir("dst") / "a" / "f").read_bytes() == b"the bytes of a/f"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-7: a key ending in '/' (an S3 or GCS 'folder' marker) has the empty "
-    "file name '' in local mode; the commit fails with destination_error naming the temp file "
-    "and '' (No such file or directory), not invalid_key saying what is wrong with the key",
-)
 def test_a_local_key_ending_in_a_slash_is_refused_as_an_invalid_key(tmp_path: Path) -> None:
     """Bad input gets a clear error: the key, not the destination, is what cannot be written."""
     store = tw.LocalObjectStore(tmp_path, "gcp_gcs")
@@ -139,13 +134,6 @@ def test_a_local_key_ending_in_a_slash_is_refused_as_an_invalid_key(tmp_path: Pa
 # -- (e) local store: a directory whose maker died before syncing it -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-3: _make_below/_make_directories sync a parent only when THIS commit's "
-    "mkdir made the directory ('made meanwhile: its maker syncs it'); a maker killed between "
-    "its mkdir and its fsync (the flock is released by the kernel) leaves a directory whose "
-    "entry no later commit syncs, and their objects are acknowledged undurable",
-)
 def test_a_commit_into_a_directory_whose_maker_died_unsynced_syncs_its_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -190,14 +178,6 @@ def test_copies_of_one_message_in_plain_and_compressed_form_are_one_message() ->
 # -- (e) local store: the root the worker makes ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-5: LocalMetadata.__init__ (and LocalObjectStore.check) make the local "
-    "root with Path.mkdir(parents=True) and sync nothing; _make_directories then stops at the "
-    "root (it exists), so the root's own entry, and the entries of any parents made with it, "
-    "are never synced: a power loss after the first acknowledged commit can lose the whole "
-    "root, objects and metadata.db",
-)
 def test_a_local_root_the_worker_makes_is_synced_in_its_parent_before_a_commit_is_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -306,24 +286,30 @@ def test_a_local_queue_event_whose_dead_letter_never_fits_still_ends(
     assert (queue.depth(), len(dead)) == (0, 1), f"{too_large} CRITICAL lines"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-9: _open_key_directory opens the bucket (and root/provider) by path, "
-    "following symlinks: a symlink below the bucket is invalid_key, but a bucket directory that "
-    "is a symlink is followed out of the root, for reads and commits alike",
-)
-def test_a_bucket_directory_that_is_a_symlink_is_not_followed_out_of_the_root(
+def test_a_bucket_directory_that_is_a_symlink_is_followed_but_not_a_symlink_inside_it(
     tmp_path: Path,
 ) -> None:
-    """Whoever can write root/aws_s3 replaces bucket 'src' by a symlink to a directory outside the
-    root: the store must refuse it as it refuses a symlinked directory inside a bucket."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret").write_bytes(b"SECRET, outside the root")
+    """W2b-9, decided (ADR 10): the bucket directories are the operator's, who may put a bucket
+    on another disk by a symlink; the keys are the producer's, and a symlink met below the
+    bucket is still refused invalid_key, for reads and commits alike."""
+    elsewhere = tmp_path / "other-disk"
+    (elsewhere / "in").mkdir(parents=True)
+    (elsewhere / "in" / "data").write_bytes(b"on the other disk")
+    (tmp_path / "outside").mkdir()
+    (elsewhere / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
     root = tmp_path / "root"
     (root / "aws_s3").mkdir(parents=True)
-    (root / "aws_s3" / "src").symlink_to(outside, target_is_directory=True)
+    (root / "aws_s3" / "src").symlink_to(elsewhere, target_is_directory=True)
     store = tw.LocalObjectStore(root, "aws_s3")
-    with pytest.raises(tw.TransferError) as refused:
-        store.head(tw.ObjectRef("aws_s3", "src", "secret"))
-    assert refused.value.reason == "invalid_key"
+    info = store.head(tw.ObjectRef("aws_s3", "src", "in/data"))
+    assert info is not None and info.size == len(b"on the other disk")
+    local_commit(store, tw.ObjectRef("aws_s3", "src", "in/new"), b"written there")
+    assert (elsewhere / "in" / "new").read_bytes() == b"written there"
+    for use in (
+        lambda: store.head(tw.ObjectRef("aws_s3", "src", "link/secret")),
+        lambda: local_commit(store, tw.ObjectRef("aws_s3", "src", "link/new"), b"x"),
+    ):
+        with pytest.raises(tw.TransferError) as refused:
+            use()
+        assert refused.value.reason == "invalid_key"
+    assert list((tmp_path / "outside").iterdir()) == []
