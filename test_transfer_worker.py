@@ -1147,7 +1147,7 @@ def test_cli_submit_rejects_an_invalid_event_naming_the_field(cli: Cli):
     events = [make_event(), mutate("metadata.priority", "urgent")]
     result = cli.run("submit", "-", stdin=json.dumps(events).encode())
     assert result.returncode == 2
-    assert b"event 1: $.metadata.priority" in result.stderr
+    assert b"event 2: $.metadata.priority" in result.stderr  # the second element, from 1
     assert cli.run("run", "--once").returncode == 0
     assert cli.dlq() == []  # nothing was enqueued, not even the valid one
 
