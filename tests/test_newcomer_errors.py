@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 import transfer_worker as tw
-from tests.conftest import GCP_PROJECT
+from tests.conftest import GCP_PROJECT, LoggedProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = [sys.executable, str(ROOT / "transfer_worker.py")]
@@ -268,3 +269,43 @@ def test_run_help_hides_dead_letter_subscription_but_run_accepts_it(tmp_path: Pa
         f"projects/{GCP_PROJECT}/subscriptions/s",
     )
     assert ran.returncode == 0, ran.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# 1b. a dead-letter topic that goes away: redeliveries spaced by the backoff, not a hot loop
+# -------------------------------------------------------------------------------------------------
+
+WINDOW = 6.0  # seconds of failed dead-lettering watched
+BACKOFF_MAX = 2.0
+
+
+def test_a_failed_pubsub_dead_letter_is_redelivered_after_the_backoff(
+    pubsub_topic_subscription: Any, tmp_path: Path
+) -> None:
+    """Pub/Sub redelivers a nack at once (no retry_policy here, as on many subscriptions): the
+    worker holds the message for --backoff-max before it nacks, as SQS hides it that long.
+    Before, the walk-through counted 331 deliveries in 17 s."""
+    made = pubsub_topic_subscription()
+    dead = made.publisher.topic_path(GCP_PROJECT, f"gone-{uuid.uuid4().hex[:12]}")
+    made.publisher.create_topic(name=dead)
+    env = {**os.environ, "TRANSFER_WORKER_HTTP_PORT": "0"}
+    settings = ["--backoff-initial", "0.1", "--backoff-max", str(BACKOFF_MAX)]
+    cmd = [*WORKER, "run", "--queue", made.subscription, "--dead-letter", dead, *settings]
+    worker = LoggedProcess(cmd, env=env, cwd=tmp_path)
+    try:
+        made.publisher.publish(made.topic, b"poison one").result(timeout=30)
+        wait_for(lambda: "Event dead-lettered" in "\n".join(worker.raw), TIMEOUT, message="1st")
+        made.publisher.delete_topic(topic=dead)
+        made.publisher.publish(made.topic, b"poison two").result(timeout=30)
+
+        def failures() -> int:
+            return sum("Could not dead-letter" in line for line in list(worker.raw))
+
+        wait_for(lambda: failures() >= 1, TIMEOUT, message="a failed dead letter")
+        first = time.monotonic()
+        wait_for(lambda: time.monotonic() - first >= WINDOW, WINDOW + 5, message="window")
+        seen = failures()
+    finally:
+        worker.stop()
+    # one delivery per backoff, and a few seconds of slack for the emulator's redelivery
+    assert 2 <= seen <= WINDOW / BACKOFF_MAX + 2, (seen, worker.text())
