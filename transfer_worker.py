@@ -4624,7 +4624,7 @@ class PubSubQueue:
         tell"."""
         with _translated(google_error, "queue"):
             self.subscriber.get_subscription(
-                request={"subscription": self.subscription}, timeout=60.0
+                request={"subscription": self.subscription}, retry=None, timeout=10.0
             )
 
     def stop_receiving(self) -> None:
@@ -4695,7 +4695,8 @@ class PubSubPublisher:
         """The topic exists (GetTopic). A role that may only publish (pubsub.topics.publish) is
         refused: access_denied, which the start-up check takes as "cannot tell"."""
         with _translated(google_error, "queue"):
-            self.publisher.get_topic(request={"topic": self.topic}, timeout=self.timeout)
+            # one try, bounded: an unreachable service is the running worker's to wait out
+            self.publisher.get_topic(request={"topic": self.topic}, retry=None, timeout=10.0)
 
     def publish(
         self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
