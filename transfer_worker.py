@@ -183,7 +183,11 @@ class Config:
     )
     concurrency: int = _setting(8, "transfers in flight at once", minimum=1)
     part_size: int = _setting(
-        8 * MiB, "multipart part / resumable chunk size in bytes", minimum=MIN_PART_SIZE
+        8 * MiB,
+        "S3 multipart part size in bytes (memory: see --upload-window); on GCS, rounded down to "
+        "256 KiB, the largest object sent as one single upload (a larger one streams through a "
+        "resumable upload in one request) and the size of each ranged read from GCS",
+        minimum=MIN_PART_SIZE,
     )
     upload_window: int = _setting(
         2, "S3 parts uploading at once per transfer (memory: (window + 1) x part size)", minimum=1
@@ -2198,11 +2202,35 @@ def check_aws_credentials(session: Any, env: Mapping[str, str]) -> None:
     except Exception as exc:  # noqa: BLE001 - boto3's providers raise many kinds; all get advice
         raise CredentialsError(_explain_provider_error(env, exc)) from None
     if frozen is None or not frozen.access_key:
-        raise CredentialsError(
-            "no AWS credentials found: on EKS annotate the Kubernetes service account with "
-            "eks.amazonaws.com/role-arn (IRSA sets AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE); "
-            f"on GKE set {ROLE_SETTING}"
-        )
+        raise CredentialsError(AWS_NO_CREDENTIALS)
+
+
+AWS_NO_CREDENTIALS = (
+    "no AWS credentials found: on EKS annotate the Kubernetes service account with "
+    "eks.amazonaws.com/role-arn (IRSA sets AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE); "
+    f"on GKE set {ROLE_SETTING}"
+)
+
+
+GOOGLE_NO_CREDENTIALS = (
+    "no Google credentials found: on GKE use Workload Identity; elsewhere set "
+    f"{GOOGLE_FILE_SETTING} to a credentials file or run `gcloud auth application-default "
+    "login`; for the Pub/Sub emulator export PUBSUB_EMULATOR_HOST=HOST:PORT (and "
+    "STORAGE_EMULATOR_HOST for a GCS emulator)"
+)
+
+
+def missing_credentials(exc: BaseException) -> CredentialsError | None:
+    """The CredentialsError (exit 2, what to set) for an SDK's own "no credentials" exception,
+    raised where a client is built, before any check of ours ran: google-auth's
+    DefaultCredentialsError came out of `run`, `submit --to` and `dlq` as a traceback. None for
+    any other exception."""
+    kind = type(exc)
+    if kind.__name__ == "DefaultCredentialsError" and kind.__module__.startswith("google.auth"):
+        return CredentialsError(f"{GOOGLE_NO_CREDENTIALS} ({redact(str(exc))})")
+    if kind.__name__ == "NoCredentialsError" and kind.__module__.startswith("botocore"):
+        return CredentialsError(AWS_NO_CREDENTIALS)
+    return None
 
 
 def _explain_provider_error(env: Mapping[str, str], exc: Exception) -> str:
@@ -4392,6 +4420,12 @@ class SQSPublisher:
             )
         return int(answer["Attributes"]["MaximumMessageSize"])
 
+    def check(self) -> None:
+        """The queue exists: a start-up check, since a worker whose --dead-letter named no queue
+        found out only at its first poison message, and then every delivery failed again."""
+        with _translated(aws_error, "queue"):
+            self.client.get_queue_attributes(QueueUrl=self.url, AttributeNames=["QueueArn"])
+
     def publish(
         self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
     ) -> str:
@@ -4636,6 +4670,7 @@ class PubSubQueue:
 
     receive_wait = 1.0  # receive() only drains a local buffer, so keep shutdown prompt
     records_handbacks = False  # delivery_attempt counts nacks and expiries alike
+    redelivers_at_once = True  # retry_later() is a nack: its delay is the retry_policy's
     startup_wait = 5.0  # the first receive waits for the stream to open (run --once)
     max_lease = 2 * 3600  # seconds a transfer may keep its message leased
 
@@ -4792,6 +4827,16 @@ class PubSubQueue:
         stream with that error."""
         self._raise_if_ended()
 
+    def startup_check(self) -> None:
+        """The subscription exists (GetSubscription), asked once at start-up: a missing one
+        otherwise only ended each stream, and the worker flipped between unreachable and
+        reachable for ever. roles/pubsub.subscriber may not get it: access_denied, "cannot
+        tell"."""
+        with _translated(google_error, "queue"):
+            self.subscriber.get_subscription(
+                request={"subscription": self.subscription}, retry=None, timeout=10.0
+            )
+
     def stop_receiving(self) -> None:
         """End the streaming pull, then hand back what it delivered and the worker never took.
         The client nacks its on-hold messages itself once the stream is down. Idempotent; a
@@ -4855,6 +4900,13 @@ class PubSubPublisher:
 
     max_message_bytes: int | None = 10 * 1000 * 1000  # Pub/Sub's limit on a published message
     carries_attributes = False  # 1 KiB a value: no envelope fits there
+
+    def check(self) -> None:
+        """The topic exists (GetTopic). A role that may only publish (pubsub.topics.publish) is
+        refused: access_denied, which the start-up check takes as "cannot tell"."""
+        with _translated(google_error, "queue"):
+            # one try, bounded: an unreachable service is the running worker's to wait out
+            self.publisher.get_topic(request={"topic": self.topic}, retry=None, timeout=10.0)
 
     def publish(
         self, body: bytes, *, priority: str = "normal", attributes: Mapping[str, str] | None = None
@@ -6508,6 +6560,7 @@ class Worker:
             return False
         if not published:
             log.error("Could not dead-letter; message left for redelivery", reason=reason)
+            self._hold_before_redelivery(self.config.backoff_max)
             retry = functools.partial(self.queue.retry_later, message, self.config.backoff_max)
             self._settle_quietly("retry_later", retry, patient=False)
             return False
@@ -6517,6 +6570,15 @@ class Worker:
                 reason=reason,
             )
         return True
+
+    def _hold_before_redelivery(self, delay: float) -> None:
+        """Keep the message (still leased) for ``delay`` before a queue that redelivers at once
+        gets it back: on Pub/Sub a nack without a retry_policy is redelivered immediately, so one
+        poison message whose dead-letter topic was gone went round 331 times in 17 s. SQS's
+        retry_later() hides the message for ``delay`` itself. A shutdown ends the wait."""
+        if getattr(self.queue, "redelivers_at_once", False):
+            with contextlib.suppress(ShutdownRequested):
+                self.sleep(delay)
 
     def _left_to_the_queue(
         self,
@@ -6671,8 +6733,30 @@ def build_publisher(spec: str, config: Config, clients: CloudClients | None = No
     """A Publisher for ``spec``: SQS queue URL, Pub/Sub topic path, or a SQLite queue path."""
     factory = _registered(PUBLISHERS, spec)
     if factory is None:
-        return local_queue(config, local_path(spec, PUBLISH_FORMS))
+        return submit_queue(config, local_path(spec, PUBLISH_FORMS))
     return factory(spec, config, clients or CloudClients(config))
+
+
+def submit_queue(config: Config, path: str) -> LocalQueue:
+    """The SQLite queue ``submit`` writes to. A new file is legitimate (no worker ran yet) but
+    said on stderr; a missing directory is refused: `--to storage_simulator/queu.db` made a new
+    file, even a directory, printed "submitted" and stranded the events where no worker looked.
+    The default queue (<local-root>/queue.db) may create its root, as the worker does."""
+    where = Path(path) if path else Path(config.local_root) / "queue.db"
+    if path and not where.parent.is_dir():
+        raise ValueError(
+            f"{path}: no directory {where.parent}; give the path of the worker's --queue (a "
+            "SQLite file in an existing directory)"
+        )
+    created = not where.exists()
+    queue = local_queue(config, str(where))
+    if created:
+        print(
+            f"warning: created new queue file {where}; start a worker with --queue {where} "
+            "to process it",
+            file=sys.stderr,
+        )
+    return queue
 
 
 def local_path(spec: str, forms: str) -> str:
@@ -6688,18 +6772,47 @@ def local_path(spec: str, forms: str) -> str:
 
 
 def build_queue(config: Config, clients: CloudClients | None = None) -> MessageQueue:
-    """The queue to consume from ``--queue`` and where ``--dead-letter`` envelopes go."""
-    clients = clients or CloudClients(config)
+    """The queue to consume from ``--queue`` and where ``--dead-letter`` envelopes go, both
+    checked to exist (check_targets)."""
+    queue, target = _queue_and_target(config, clients or CloudClients(config))
+    check_targets(config, queue, target)
+    return queue
+
+
+def _queue_and_target(
+    config: Config, clients: CloudClients
+) -> tuple[MessageQueue, Publisher | None]:
     target = build_dead_letter_target(config, clients)
     factory = _registered(QUEUES, config.queue)
     if factory is None:
         path = local_path(config.queue, CONSUME_FORMS)
-        return local_queue(config, path, dead_letter_target=target)
+        return local_queue(config, path, dead_letter_target=target), target
     if target is None:
         raise ValueError(
             "--dead-letter is required with a cloud queue (an SQS queue URL or projects/P/topics/T)"
         )
-    return factory(config, target, clients)
+    return factory(config, target, clients), target
+
+
+def check_targets(config: Config, queue: MessageQueue, target: Publisher | None) -> None:
+    """At start-up, that --queue and --dead-letter exist: a missing queue was logged as an error
+    and retried for ever, a missing dead-letter target only found at the first poison message,
+    which then failed on every delivery. Only a definite "no such queue" stops the worker (exit
+    2, naming the setting); a role that may not look (access_denied) or a queue service that does
+    not answer yet leaves the decision to the running worker (/ready, its backoff)."""
+    _checked("--queue", config.queue, getattr(queue, "startup_check", queue.check))
+    check = getattr(target, "check", None)
+    if check is not None and config.dead_letter:
+        _checked("--dead-letter", config.dead_letter, check)
+
+
+def _checked(flag: str, value: str, check: Callable[[], None]) -> None:
+    try:
+        check()
+    except TransferError as exc:
+        if exc.retryable or exc.reason == "access_denied":
+            return
+        raise ValueError(f"{flag} {value}: {exc}") from None
 
 
 def build_dead_letter_target(config: Config, clients: CloudClients) -> Publisher | None:
@@ -6764,11 +6877,9 @@ COMMAND_SETTINGS = {
 # A setting's help as another command than `run` uses it: the worker's own text said, in
 # validate, that a large body "is dead-lettered", which validate never does.
 COMMAND_HELP = {
-    "run": {
-        "dead_letter_subscription": "not used by run (accepted so that the worker and dlq can "
-        "share their settings): the subscription on the --dead-letter topic that dlq list and "
-        "dlq redrive read for Pub/Sub",
-    },
+    # run accepts --dead-letter-subscription (the worker and dlq share their settings) but
+    # never reads it, so its help does not show it: a "not used by run" line read as a bug.
+    "run": {"dead_letter_subscription": argparse.SUPPRESS},
     "submit": {
         "local_root": "the local queue is <local-root>/queue.db when neither --to nor --queue "
         "names a queue",
@@ -6838,6 +6949,8 @@ def _setting_help(field: dataclasses.Field[Any], env: str, text: str | None = No
     """The field's help (or ``text``), its default unless the help already says it or it is
     empty, its environment variable. A whole number of seconds reads 300, not 300.0."""
     text = text or field.metadata["help"]
+    if text == argparse.SUPPRESS:
+        return text
     default = SHOWN_DEFAULTS.get(field.name, field.default)
     if isinstance(default, float):
         default = f"{default:g}"
@@ -6959,6 +7072,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
+class Bodies(list[bytes]):
+    """Message bodies, and what a position among them is called in a message: ``line`` for
+    JSON lines, ``event`` for the elements of an array. Both count from 1: a schema error said
+    `event 1` for the line a parse error called `line 2`."""
+
+    def __init__(
+        self, items: Iterable[bytes] = (), unit: str = "event", numbers: Sequence[int] = ()
+    ) -> None:
+        super().__init__(items)
+        self.unit = unit
+        self.numbers = list(numbers) or list(range(1, len(self) + 1))  # blank lines skipped
+
+
 def read_bodies(source: str, *, validate: bool) -> list[bytes]:
     """Message bodies from a file: one JSON object, a JSON array of them, or JSON lines. Without
     validation, text that is not JSON at all is taken as one body per line."""
@@ -6975,13 +7101,15 @@ def _split_bodies(text: str, validate: bool) -> list[bytes]:
     try:
         document = load_json(text)
     except ValueError:
-        lines = [line for line in text.splitlines() if line.strip()]
+        numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        numbers = [n for n, _ in numbered]
         if validate:
-            return [_canonical_line(line, number) for number, line in enumerate(lines, 1)]
-        return [line.encode("utf-8", errors="surrogateescape") for line in lines]
+            return Bodies((_canonical_line(line, n) for n, line in numbered), "line", numbers)
+        raw = (line.encode("utf-8", errors="surrogateescape") for _, line in numbered)
+        return Bodies(raw, "line", numbers)
     if isinstance(document, list):
-        return [json.dumps(item).encode() for item in document]
-    return [text.encode("utf-8", errors="surrogateescape")]
+        return Bodies(json.dumps(item).encode() for item in document)
+    return Bodies([text.encode("utf-8", errors="surrogateescape")])
 
 
 def _canonical_line(line: str, number: int) -> bytes:
@@ -6995,11 +7123,13 @@ def _canonical_line(line: str, number: int) -> bytes:
 def check_bodies(bodies: Sequence[bytes], config: Config) -> list[TransferEvent]:
     validator = load_validator()
     events = []
-    for index, body in enumerate(bodies):
+    unit = getattr(bodies, "unit", "event")
+    numbers = getattr(bodies, "numbers", range(1, len(bodies) + 1))
+    for number, body in zip(numbers, bodies, strict=True):
         try:
             events.append(parse_event(body, validator, max_bytes=config.max_message_bytes))
         except InvalidEvent as exc:
-            where = f"event {index}: " if len(bodies) > 1 else ""
+            where = f"{unit} {number}: " if len(bodies) > 1 else ""
             raise InvalidEvent(f"{where}{exc}", reason=exc.reason) from None
     return events
 
@@ -7026,11 +7156,24 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
         dead_letters, outcomes = dead_letter_table(config, publisher), OutcomeLog(publisher.path)
         watch = OutcomeWatch(publisher, dead_letters, outcomes=outcomes)
         watch.follow(bodies)
-    ids = [publisher.publish(body, priority=peek_priority(body)) for body in bodies]
+    ids = _publish_all(publisher, bodies, "--to" if args.to else "--queue", spec)
     print(f"submitted {len(bodies)} message(s)", file=sys.stderr)
     if watch is None:
         return 0
     return watch.wait(dict(zip(ids, bodies, strict=True)), timeout=args.wait_timeout)
+
+
+def _publish_all(publisher: Publisher, bodies: Sequence[bytes], flag: str, spec: str) -> list[Any]:
+    """Publish each body; a queue that refuses (no such queue or topic, denied, unreachable) is
+    one line naming the setting (exit 2), not a traceback."""
+    ids: list[Any] = []  # a SQLite queue's row ids, a cloud queue's message ids
+    try:
+        for body in bodies:
+            ids.append(publisher.publish(body, priority=peek_priority(body)))
+    except TransferError as exc:
+        sent = f" ({len(ids)} of {len(bodies)} submitted before)" if ids else ""
+        raise ValueError(f"{flag} {spec}: {exc}{sent}") from None
+    return ids
 
 
 EXIT_WAIT_TIMEOUT = 3  # submit --wait: some events had no outcome yet when the wait ended
@@ -7531,6 +7674,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        credentials = missing_credentials(exc)
+        if credentials is None:
+            raise
+        print(f"error: {credentials}", file=sys.stderr)
         return 2
 
 

@@ -304,7 +304,7 @@ def test_help_texts_are_true_for_their_command() -> None:
         text = option_help(*command, flag="--max-message-bytes")
         assert "exit 2" in text, text  # refused here; only the worker dead-letters
     assert option_help("submit", flag="--dead-letter").startswith("--wait only")
-    assert option_help("run", flag="--dead-letter-subscription").startswith("not used by run")
+    assert option_help("run", flag="--dead-letter-subscription") == argparse.SUPPRESS  # unread
     assert "required for Pub/Sub" in option_help("dlq", "list", flag="--dead-letter-subscription")
     assert "projects/P/topics/T" in option_help("submit", flag="--queue")  # a topic, to publish
     assert "(default: 300)" in option_help("run", flag="--unreachable-grace")
@@ -435,6 +435,7 @@ def test_a_real_path_still_names_the_local_queue(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     path = spelling.format(root=tmp_path)
+    (tmp_path / path).parent.mkdir(exist_ok=True)  # submit creates no directory (a typo's)
     assert tw.main(["submit", "--to", path, str(EXAMPLE)]) == 0
     assert tw.LocalQueue(tmp_path / path).depth() == 1
 
