@@ -7245,14 +7245,19 @@ def copies_by_message(entries: Iterable[DeadLetter]) -> list[Copies]:
 
 
 def _message_key(entry: DeadLetter) -> str:
-    """What one message's dead letters share: its message id, event id and body. A dead letter
-    without a message id, or whose envelope is malformed, is not known to be a copy of anything:
-    it stands alone (by the queue's own handle)."""
+    """What one message's dead letters share: its message id, event id and body BYTES, whatever
+    form carried them: one delivery may send the body plain and the next, its error text longer,
+    compressed (review wave 2b, finding 4). A dead letter without a message id, or whose envelope
+    is malformed (no body to decode), is not known to be a copy of anything: it stands alone (by
+    the queue's own handle)."""
     envelope = entry.envelope
     if envelope.get("message_id") is None or envelope.get("reason") == MALFORMED_ENVELOPE:
         return f"entry {id(entry)}"
-    fields = [envelope.get(name) for name in ("message_id", "event_id", "body")]
-    return json.dumps([*fields, envelope.get("body_encoding", "utf-8")], default=repr)
+    try:
+        digest = hashlib.sha256(envelope_body(envelope)).hexdigest()
+    except ValueError:  # dead_letter_envelope() marks these malformed; a hand-made one may not be
+        return f"entry {id(entry)}"
+    return json.dumps([envelope.get("message_id"), envelope.get("event_id"), digest], default=repr)
 
 
 def _any_chosen(copies: Copies, args: argparse.Namespace) -> bool:

@@ -177,12 +177,6 @@ def test_a_commit_into_a_directory_whose_maker_died_unsynced_syncs_its_entry(
 # -- (d) dlq: the copies of one message in two forms -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-4: _message_key groups copies by the envelope's body TEXT and "
-    "body_encoding, not the body's bytes: one message dead-lettered plain on one delivery and "
-    "zlib+base64 on the next (its error text grew past the limit) is two messages, sent twice",
-)
 def test_copies_of_one_message_in_plain_and_compressed_form_are_one_message() -> None:
     """Same message id, same event, same body bytes; the second delivery's longer error made only
     the compressed form fit. Both copies are the one message: redriven once."""
