@@ -1754,8 +1754,11 @@ def publish_envelope(target: Publisher, body: bytes, envelope: Mapping[str, Any]
     attributes, the original body with the other fields in ENVELOPE_ATTRIBUTE; then the same
     without the error text. Only when none of these plain forms fits (anyone can read those as
     they are), the envelope as JSON with the body compressed (zlib+base64), with the error and
-    without. If none fits, nothing is sent and DeadLetterTooLarge is raised: a queue that states
-    its real limit (SQSPublisher reads it) refuses such a message on every delivery (ADR 4)."""
+    without. If none fits a limit read from the queue itself, nothing is sent and
+    DeadLetterTooLarge is raised: the queue refuses such a message on every delivery (ADR 4). A
+    GUESSED limit (``limit_is_guess``: SQSPublisher could not read the queue's) is only a
+    preference: the smallest form is sent anyway, and a refusal is retried as any failed publish
+    (review wave 2b, finding 6)."""
     payload, attributes = _chosen_form(body, envelope, target)
     target.publish(payload, attributes=attributes)
 
@@ -1771,6 +1774,8 @@ def _chosen_form(
     if chosen is None:  # compressed only now: level 9 of up to a queue's limit takes a while
         forms = _compressed_forms(body, envelope)
         chosen = next((form for form in forms if _message_size(*form) <= limit), None)
+    if chosen is None and getattr(target, "limit_is_guess", False):
+        return min(forms, key=lambda form: _message_size(*form))  # the queue may take more
     if chosen is None:
         raise DeadLetterTooLarge(min(_message_size(*form) for form in forms), limit)
     return chosen
@@ -4291,20 +4296,29 @@ class SQSPublisher:
         self.url = url
         self.client = client or CloudClients(config).sqs(url)
         self._limit: int | None = None
+        self._guessed = False
+
+    @property
+    def limit_is_guess(self) -> bool:
+        """Whether the last max_message_bytes was SQS_MESSAGE_LIMIT, the queue's own unread:
+        publish_envelope() then prefers forms within it but never refuses to send."""
+        return self._guessed
 
     @property
     def max_message_bytes(self) -> int:
-        """The queue's MaximumMessageSize, read once, at the first dead letter (``submit`` never
-        asks). Where it cannot be read, SQS_MESSAGE_LIMIT: the role may have only sqs:SendMessage
+        """The queue's MaximumMessageSize, read once: at start-up with a local work queue
+        (check_dead_letter_fits), else at the first dead letter (``submit`` never asks).
+        Where it cannot be read, SQS_MESSAGE_LIMIT: the role may have only sqs:SendMessage
         on the dead-letter queue (terraform/ grants no more), and 256 KiB is what every queue took
         until 2025 and what most still take. Stating more than the queue takes would send forms it
         refuses on every delivery; stating less only costs the largest events their error text
-        or a compressed body. A refusal (denied) is kept; a transient failure is not, so the
-        next dead letter reads again."""
+        or a compressed body, and the guess never stops a dead letter (limit_is_guess). A refusal
+        (denied) is kept; a transient failure is not, so the next dead letter reads again."""
         if self._limit is None:
             try:
-                self._limit = self._queue_limit()
+                self._limit, self._guessed = self._queue_limit(), False
             except Exception as exc:  # noqa: BLE001 - whatever it was, the fallback applies
+                self._guessed = True
                 if isinstance(exc, TransferError) and exc.retryable:
                     return SQS_MESSAGE_LIMIT
                 self._limit = SQS_MESSAGE_LIMIT

@@ -222,15 +222,6 @@ def test_a_local_root_the_worker_makes_is_synced_in_its_parent_before_a_commit_i
 # -- (c) dead letters: a limit that could not be read ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-6: SQSPublisher.max_message_bytes falls back to 256 KiB when the DLQ's "
-    "MaximumMessageSize cannot be read (denied: the permission is optional), and "
-    "publish_envelope then raises DeadLetterTooLarge, sending NOTHING, for a dead letter the "
-    "1 MiB queue takes: the event is never dead-lettered with its reason (a queue without a "
-    "redrive policy redelivers it for ever); the docstring says stating less 'only costs the "
-    "largest events their error text or a compressed body'",
-)
 def test_a_dead_letter_the_queue_takes_is_sent_when_its_limit_cannot_be_read(
     aws_env: str, tmp_path: Path
 ) -> None:
