@@ -6633,12 +6633,54 @@ def build_queue(config: Config, clients: CloudClients | None = None) -> MessageQ
     factory = _registered(QUEUES, config.queue)
     if factory is None:
         path = local_path(config.queue, CONSUME_FORMS)
+        if target is not None:
+            check_dead_letter_fits(config, target)
         return local_queue(config, path, dead_letter_target=target)
     if target is None:
         raise ValueError(
             "--dead-letter is required with a cloud queue (an SQS queue URL or projects/P/topics/T)"
         )
     return factory(config, target, clients)
+
+
+# Room for a dead letter's fields beside its body, the error text left out: reason, attempts,
+# counts, worker id, time, and the message, event and correlation ids.
+DEAD_LETTER_HEADROOM = 4 * 1024
+
+
+def check_dead_letter_fits(config: Config, target: Publisher) -> None:
+    """A local work queue has no redrive policy: an event whose dead letter fits in no form
+    would be redelivered for ever (review wave 2b, finding 8). So where the target's limit is
+    known (read from the queue, not guessed), the largest event the worker accepts must fit it
+    in its worst form, incompressible: exit 2 naming --dead-letter and --max-message-bytes."""
+    limit = target.max_message_bytes
+    if limit is None or getattr(target, "limit_is_guess", False):
+        return  # no limit, or a guess that never refuses to send (publish_envelope)
+    needed = _largest_dead_letter(config.max_message_bytes, target.carries_attributes)
+    if needed > limit:
+        raise ValueError(
+            f"--dead-letter (TRANSFER_WORKER_DEAD_LETTER) {config.dead_letter} takes messages of "
+            f"at most {limit} bytes, but the dead letter of an event of --max-message-bytes "
+            f"{config.max_message_bytes} may need {needed}: with a local --queue (no redrive "
+            f"policy) it would be redelivered for ever. Lower --max-message-bytes to at most "
+            f"{max(0, _largest_body_for(limit, target.carries_attributes))}, or raise the "
+            "dead-letter queue's MaximumMessageSize"
+        )
+
+
+def _largest_dead_letter(body_bytes: int, carries_attributes: bool) -> int:
+    """The smallest form's size for a body that does not compress: the body beside its fields
+    (attributes), else zlib's worst case (5 bytes per 16 KiB block and its frame) in base64."""
+    if carries_attributes:
+        return body_bytes + DEAD_LETTER_HEADROOM
+    packed = body_bytes + 5 * (body_bytes // 16384 + 1) + 6
+    return 4 * -(-packed // 3) + DEAD_LETTER_HEADROOM
+
+
+def _largest_body_for(limit: int, carries_attributes: bool) -> int:
+    """About the largest --max-message-bytes whose dead letters always fit ``limit``."""
+    room = limit - DEAD_LETTER_HEADROOM
+    return room if carries_attributes else room * 3 // 4 - 5 * (room // 16384 + 1) - 6
 
 
 def build_dead_letter_target(config: Config, clients: CloudClients) -> Publisher | None:
