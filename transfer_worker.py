@@ -1860,8 +1860,11 @@ def publish_envelope(target: Publisher, body: bytes, envelope: Mapping[str, Any]
     attributes, the original body with the other fields in ENVELOPE_ATTRIBUTE; then the same
     without the error text. Only when none of these plain forms fits (anyone can read those as
     they are), the envelope as JSON with the body compressed (zlib+base64), with the error and
-    without. If none fits, nothing is sent and DeadLetterTooLarge is raised: a queue that states
-    its real limit (SQSPublisher reads it) refuses such a message on every delivery (ADR 4)."""
+    without. If none fits a limit read from the queue itself, nothing is sent and
+    DeadLetterTooLarge is raised: the queue refuses such a message on every delivery (ADR 4). A
+    GUESSED limit (``limit_is_guess``: SQSPublisher could not read the queue's) is only a
+    preference: the smallest form is sent anyway, and a refusal is retried as any failed publish
+    (review wave 2b, finding 6)."""
     payload, attributes = _chosen_form(body, envelope, target)
     target.publish(payload, attributes=attributes)
 
@@ -1877,6 +1880,8 @@ def _chosen_form(
     if chosen is None:  # compressed only now: level 9 of up to a queue's limit takes a while
         forms = _compressed_forms(body, envelope)
         chosen = next((form for form in forms if _message_size(*form) <= limit), None)
+    if chosen is None and getattr(target, "limit_is_guess", False):
+        return min(forms, key=lambda form: _message_size(*form))  # the queue may take more
     if chosen is None:
         raise DeadLetterTooLarge(min(_message_size(*form) for form in forms), limit)
     return chosen
@@ -4394,20 +4399,29 @@ class SQSPublisher:
         self.url = url
         self.client = client or CloudClients(config).sqs(url)
         self._limit: int | None = None
+        self._guessed = False
+
+    @property
+    def limit_is_guess(self) -> bool:
+        """Whether the last max_message_bytes was SQS_MESSAGE_LIMIT, the queue's own unread:
+        publish_envelope() then prefers forms within it but never refuses to send."""
+        return self._guessed
 
     @property
     def max_message_bytes(self) -> int:
-        """The queue's MaximumMessageSize, read once, at the first dead letter (``submit`` never
-        asks). Where it cannot be read, SQS_MESSAGE_LIMIT: the role may have only sqs:SendMessage
+        """The queue's MaximumMessageSize, read once: at start-up with a local work queue
+        (check_dead_letter_fits), else at the first dead letter (``submit`` never asks).
+        Where it cannot be read, SQS_MESSAGE_LIMIT: the role may have only sqs:SendMessage
         on the dead-letter queue (terraform/ grants no more), and 256 KiB is what every queue took
         until 2025 and what most still take. Stating more than the queue takes would send forms it
         refuses on every delivery; stating less only costs the largest events their error text
-        or a compressed body. A refusal (denied) is kept; a transient failure is not, so the
-        next dead letter reads again."""
+        or a compressed body, and the guess never stops a dead letter (limit_is_guess). A refusal
+        (denied) is kept; a transient failure is not, so the next dead letter reads again."""
         if self._limit is None:
             try:
-                self._limit = self._queue_limit()
+                self._limit, self._guessed = self._queue_limit(), False
             except Exception as exc:  # noqa: BLE001 - whatever it was, the fallback applies
+                self._guessed = True
                 if isinstance(exc, TransferError) and exc.retryable:
                     return SQS_MESSAGE_LIMIT
                 self._limit = SQS_MESSAGE_LIMIT
@@ -6776,6 +6790,8 @@ def build_queue(config: Config, clients: CloudClients | None = None) -> MessageQ
     checked to exist (check_targets)."""
     queue, target = _queue_and_target(config, clients or CloudClients(config))
     check_targets(config, queue, target)
+    if target is not None and _registered(QUEUES, config.queue) is None:
+        check_dead_letter_fits(config, target)  # a local queue has no redrive policy to fall to
     return queue
 
 
@@ -6813,6 +6829,46 @@ def _checked(flag: str, value: str, check: Callable[[], None]) -> None:
         if exc.retryable or exc.reason == "access_denied":
             return
         raise ValueError(f"{flag} {value}: {exc}") from None
+
+
+# Room for a dead letter's fields beside its body, the error text left out: reason, attempts,
+# counts, worker id, time, and the message, event and correlation ids.
+DEAD_LETTER_HEADROOM = 4 * 1024
+
+
+def check_dead_letter_fits(config: Config, target: Publisher) -> None:
+    """A local work queue has no redrive policy: an event whose dead letter fits in no form
+    would be redelivered for ever (review wave 2b, finding 8). So where the target's limit is
+    known (read from the queue, not guessed), the largest event the worker accepts must fit it
+    in its worst form, incompressible: exit 2 naming --dead-letter and --max-message-bytes."""
+    limit = target.max_message_bytes
+    if limit is None or getattr(target, "limit_is_guess", False):
+        return  # no limit, or a guess that never refuses to send (publish_envelope)
+    needed = _largest_dead_letter(config.max_message_bytes, target.carries_attributes)
+    if needed > limit:
+        raise ValueError(
+            f"--dead-letter (TRANSFER_WORKER_DEAD_LETTER) {config.dead_letter} takes messages of "
+            f"at most {limit} bytes, but the dead letter of an event of --max-message-bytes "
+            f"{config.max_message_bytes} may need {needed}: with a local --queue (no redrive "
+            f"policy) it would be redelivered for ever. Lower --max-message-bytes to at most "
+            f"{max(0, _largest_body_for(limit, target.carries_attributes))}, or raise the "
+            "dead-letter queue's MaximumMessageSize"
+        )
+
+
+def _largest_dead_letter(body_bytes: int, carries_attributes: bool) -> int:
+    """The smallest form's size for a body that does not compress: the body beside its fields
+    (attributes), else zlib's worst case (5 bytes per 16 KiB block and its frame) in base64."""
+    if carries_attributes:
+        return body_bytes + DEAD_LETTER_HEADROOM
+    packed = body_bytes + 5 * (body_bytes // 16384 + 1) + 6
+    return 4 * -(-packed // 3) + DEAD_LETTER_HEADROOM
+
+
+def _largest_body_for(limit: int, carries_attributes: bool) -> int:
+    """About the largest --max-message-bytes whose dead letters always fit ``limit``."""
+    room = limit - DEAD_LETTER_HEADROOM
+    return room if carries_attributes else room * 3 // 4 - 5 * (room // 16384 + 1) - 6
 
 
 def build_dead_letter_target(config: Config, clients: CloudClients) -> Publisher | None:
@@ -7463,14 +7519,19 @@ def copies_by_message(entries: Iterable[DeadLetter]) -> list[Copies]:
 
 
 def _message_key(entry: DeadLetter) -> str:
-    """What one message's dead letters share: its message id, event id and body. A dead letter
-    without a message id, or whose envelope is malformed, is not known to be a copy of anything:
-    it stands alone (by the queue's own handle)."""
+    """What one message's dead letters share: its message id, event id and body BYTES, whatever
+    form carried them: one delivery may send the body plain and the next, its error text longer,
+    compressed (review wave 2b, finding 4). A dead letter without a message id, or whose envelope
+    is malformed (no body to decode), is not known to be a copy of anything: it stands alone (by
+    the queue's own handle)."""
     envelope = entry.envelope
     if envelope.get("message_id") is None or envelope.get("reason") == MALFORMED_ENVELOPE:
         return f"entry {id(entry)}"
-    fields = [envelope.get(name) for name in ("message_id", "event_id", "body")]
-    return json.dumps([*fields, envelope.get("body_encoding", "utf-8")], default=repr)
+    try:
+        digest = hashlib.sha256(envelope_body(envelope)).hexdigest()
+    except ValueError:  # dead_letter_envelope() marks these malformed; a hand-made one may not be
+        return f"entry {id(entry)}"
+    return json.dumps([envelope.get("message_id"), envelope.get("event_id"), digest], default=repr)
 
 
 def _any_chosen(copies: Copies, args: argparse.Namespace) -> bool:

@@ -158,12 +158,6 @@ def test_a_commit_into_a_directory_whose_maker_died_unsynced_syncs_its_entry(
 # -- (d) dlq: the copies of one message in two forms -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-4: _message_key groups copies by the envelope's body TEXT and "
-    "body_encoding, not the body's bytes: one message dead-lettered plain on one delivery and "
-    "zlib+base64 on the next (its error text grew past the limit) is two messages, sent twice",
-)
 def test_copies_of_one_message_in_plain_and_compressed_form_are_one_message() -> None:
     """Same message id, same event, same body bytes; the second delivery's longer error made only
     the compressed form fit. Both copies are the one message: redriven once."""
@@ -201,15 +195,6 @@ def test_a_local_root_the_worker_makes_is_synced_in_its_parent_before_a_commit_i
 # -- (c) dead letters: a limit that could not be read ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-6: SQSPublisher.max_message_bytes falls back to 256 KiB when the DLQ's "
-    "MaximumMessageSize cannot be read (denied: the permission is optional), and "
-    "publish_envelope then raises DeadLetterTooLarge, sending NOTHING, for a dead letter the "
-    "1 MiB queue takes: the event is never dead-lettered with its reason (a queue without a "
-    "redrive policy redelivers it for ever); the docstring says stating less 'only costs the "
-    "largest events their error text or a compressed body'",
-)
 def test_a_dead_letter_the_queue_takes_is_sent_when_its_limit_cannot_be_read(
     aws_env: str, tmp_path: Path
 ) -> None:
@@ -249,41 +234,40 @@ def test_a_dead_letter_the_queue_takes_is_sent_when_its_limit_cannot_be_read(
     assert envelope["reason"] == "invalid_event" and tw.envelope_body(envelope) == body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding W2b-8: DeadLetterTooLarge leaves the message 'for the queue's redrive "
-    "policy' (ADR 4), but a local work queue has none (nor an SQS queue without a "
-    "RedrivePolicy): an event whose dead letter fits in no form is redelivered every visibility "
-    "timeout for ever, never dead-lettered with its reason, one CRITICAL line each time",
-)
 def test_a_local_queue_event_whose_dead_letter_never_fits_still_ends(
     aws_env: str, tmp_path: Path
 ) -> None:
-    """--queue a local file, --dead-letter an SQS queue of MaximumMessageSize 1 KiB, and an
-    invalid 4 KiB event of random letters (compressed it is still over 1 KiB). Five deliveries
-    later it is still on the work queue and on no dead-letter queue."""
-    import io
+    """Finding W2b-8, decided (ADR 4): a local work queue has no redrive policy, so an event whose
+    dead letter fits in no form would be redelivered for ever. The worker refuses to start
+    instead: `run --queue work.db --dead-letter <SQS queue of 1 KiB>` exits 2 naming
+    --dead-letter, its limit and --max-message-bytes, before taking any event. The control: a
+    --max-message-bytes whose dead letters fit starts and ends the (empty) run."""
+    import subprocess
+    import sys
 
-    from conftest import Clock
-    from tests.test_deadletter_size import incompressible_event, make_queues, worker_on
+    from tests.test_deadletter_size import HERE, make_queues
 
     client = boto3.client("sqs", endpoint_url=aws_env)
-    _, dlq = make_queues(client, 1024)
-    clock = Clock()
-    config = tw.Config(local_root=str(tmp_path / "root"), http_port=0, visibility_timeout=30)
-    target = tw.SQSPublisher(dlq, config, client=client)
-    queue = tw.LocalQueue(tmp_path / "work.db", clock=clock, dead_letter_target=target)
-    queue.publish(incompressible_event(4096))
-    log, metrics = io.StringIO(), tw.Metrics()
-    worker = worker_on(config, queue, log, metrics)
-    for _ in range(5):
-        worker.run(once=True)
-        clock.advance(31)
-    too_large = metrics.registry.get_sample_value(
-        "dead_letters_too_large_total", {"reason": "invalid_event"}
-    )
-    dead = client.receive_message(QueueUrl=dlq, WaitTimeSeconds=0).get("Messages", [])
-    assert (queue.depth(), len(dead)) == (0, 1), f"{too_large} CRITICAL lines"
+    _, dlq = make_queues(client, 1024 * 64)
+    work = tmp_path / "work.db"
+    tw.LocalQueue(work).publish(b'{"not": "an event"}')
+
+    def run(max_bytes: int) -> subprocess.CompletedProcess[str]:
+        args = ["run", "--once", "--local-root", str(tmp_path / "root"), "--queue", str(work)]
+        args += ["--dead-letter", dlq, "--max-message-bytes", str(max_bytes), "--http-port", "0"]
+        return subprocess.run(
+            [sys.executable, str(HERE / "transfer_worker.py"), *args],
+            cwd=HERE, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    refused = run(256 * 1024)
+    assert refused.returncode == 2, refused.stderr
+    assert all(word in refused.stderr for word in ("--dead-letter", "65536", "--max-message-bytes"))
+    assert tw.LocalQueue(work).depth() == 1  # nothing taken, nothing dropped
+    started = run(32 * 1024)
+    assert started.returncode == 0, started.stderr
+    [envelope] = [json.loads(m["Body"]) for m in client.receive_message(QueueUrl=dlq)["Messages"]]
+    assert (envelope["reason"], tw.LocalQueue(work).depth()) == ("invalid_event", 0)
 
 
 def test_a_bucket_directory_that_is_a_symlink_is_followed_but_not_a_symlink_inside_it(
