@@ -3719,6 +3719,9 @@ class GCSStore:
         # Resumable chunks must be multiples of 256 KiB; reads use the same size.
         self.chunk = max(GCS_QUANTUM, part_size - part_size % GCS_QUANTUM)
         self.late_metadata_limit = self.chunk  # resumable metadata is fixed at initiation
+        # ... but GCS refuses to finalise an object whose bytes differ from the CRC32C sent
+        # with the last ones: the source's CRC32C can stand in for a SHA-256 not known up front.
+        self.commits_crc32c = True
         self.standard_fields = frozenset(GCS_FIELDS)  # no Expires: the engine records it
         self.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
         self.client = client or self._make_client(pool=max(10, concurrency * 2))
@@ -3950,6 +3953,10 @@ class GCSUpload:
         self.held: list[bytes] = []  # the whole small object, or the held-back tail, as read
         self.written = 0  # bytes handed over, each once; the CRC32C covers exactly these
         self.crc32c = google_crc32c.Checksum()
+        # The source's CRC32C (hex) where the record holds it instead of a SHA-256 (the engine's
+        # choice, _metadata): the finalising request names it, so GCS checks the bytes it has
+        # against the source, not only against this worker's reading of them.
+        self.source_crc32c = metadata.get(META_CRC32C)
         self.session_url: str | None = None
         self.finished = False
         self.pipe: _BodyPipe | None = None
@@ -3966,6 +3973,10 @@ class GCSUpload:
             self._start_stream(0)
 
     def _initiate(self) -> None:
+        """The session; with the source's CRC32C in the object resource too, which GCS checks
+        at finalisation as it does X-Goog-Hash (an emulator may check only one of them)."""
+        if self.source_crc32c:
+            self.blob._patch_property("crc32c", _b64(bytes.fromhex(self.source_crc32c)))
         with _translated(google_error, "destination"):
             self.session_url = self.blob.create_resumable_upload_session(
                 content_type=self.content_type,
@@ -4023,7 +4034,7 @@ class GCSUpload:
         end = first + len(data) - 1
         headers = {"Content-Range": f"bytes {first}-{end}/{self.size if final else '*'}"}
         if final:  # real GCS refuses to finalise an object whose CRC32C differs
-            headers["X-Goog-Hash"] = f"crc32c={_b64(self.crc32c.digest())}"
+            headers["X-Goog-Hash"] = f"crc32c={self._final_crc32c()}"
         with _translated(google_error, "destination"):
             response = self.store.client._http.put(
                 self.session_url, data=data, headers=headers, timeout=self.store.timeout
@@ -4038,6 +4049,21 @@ class GCSUpload:
             else:
                 _raise_for_response(response)
         return response
+
+    def _final_crc32c(self) -> str:
+        """The CRC32C the object must have (base64): the source's where the record names it,
+        after the worker's own reading is checked against it, so that bytes read wrong never
+        reach the finalising request even where the server ignores X-Goog-Hash."""
+        ours = _b64(self.crc32c.digest())
+        if not self.source_crc32c:
+            return ours
+        theirs = _b64(bytes.fromhex(self.source_crc32c))
+        if theirs != ours:
+            raise RetryableError(
+                f"{self.ref.uri} read with CRC32C {ours}, the source publishes {theirs}",
+                reason=DAMAGED,
+            )
+        return theirs
 
     def _check_persisted(self, response: Any, end: int, *, final: bool) -> None:
         """308 carries ``Range: bytes=0-N``: what the server kept. Less than sent means lost
@@ -4129,6 +4155,7 @@ class GCSUpload:
         finalised object is done; the tail's missing bytes are sent again from memory."""
         tail = b"".join(self.held)
         self.held = [tail]  # at most 256 KiB, kept until the object is final
+        self._final_crc32c()  # a wrong reading fails here, not as a request to resume
         first = self.streamed
         while True:
             try:
@@ -5357,8 +5384,9 @@ class TransferEngine:
     def _needs_prepass(plan: Plan, dst: ObjectStore) -> bool:
         """A destination that fixes its metadata at upload start needs the SHA-256 for its
         record before the stream: a read of the whole source first. Not where the destination
-        checks the source's own CRC32C at the commit (S3, FULL_OBJECT): then the record holds
-        that CRC32C, the source is read once, and the SHA-256 is computed on the way."""
+        checks the source's own CRC32C at the commit (S3's FULL_OBJECT completion, GCS's
+        finalising request): then the record holds that CRC32C, the source is read once, and
+        the SHA-256 is computed on the way."""
         if plan.sha256 is not None or plan.src.size <= dst.late_metadata_limit:
             return False
         return not (getattr(dst, "commits_crc32c", False) and "crc32c" in plan.src.checksums)
