@@ -7484,7 +7484,45 @@ def dead_letter_line(envelope: Mapping[str, Any]) -> dict[str, Any]:
     return {**envelope, **sides}
 
 
+# Every reason a dead letter can carry: the worker's (section 2's defaults, the reasons raised
+# above) and dlq's own. A --reason outside it matches nothing, so it is refused rather than
+# listing nothing and redriving nothing without a word (newcomer finding).
+DEAD_LETTER_REASONS = frozenset(
+    {
+        TransferError.default_reason,
+        PermanentError.default_reason,
+        InvalidEvent.default_reason,
+        UNVERIFIABLE,
+        UNREPRESENTABLE,
+        CONFLICT,
+        "access_denied",
+        "checksum_mismatch",
+        "dead_letter_too_large",
+        "destination_error",
+        "forbidden",
+        "invalid_key",
+        "message_too_large",
+        "queue_error",
+        "retries_exhausted",
+        "source_error",
+        "source_not_found",
+        "queue_delivery_limit",
+        MALFORMED_ENVELOPE,
+    }
+)
+
+
+def check_dlq_reasons(reasons: Sequence[str] | None) -> None:
+    unknown = sorted(set(reasons or ()) - DEAD_LETTER_REASONS)
+    if unknown:
+        raise ValueError(
+            f"unknown --reason {', '.join(unknown)}; the reasons are: "
+            + ", ".join(sorted(DEAD_LETTER_REASONS))
+        )
+
+
 def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
+    check_dlq_reasons(args.reason)
     clients = CloudClients(config)
     dead = build_dead_letters(config, clients)
     target = None
