@@ -414,6 +414,11 @@ class ObjectRef:
         return f"{URI_SCHEMES[self.provider]}://{self.bucket}/{self.key}"
 
 
+def bucket_uri(ref: ObjectRef) -> str:
+    """``bucket s3://b``: a missing source's bucket, named so that it is not read as a key."""
+    return f"bucket {URI_SCHEMES[ref.provider]}://{ref.bucket}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectInfo:
     """What a store knows about an object without reading it. ``version`` (ETag, generation, file
@@ -1169,6 +1174,10 @@ class LocalObjectStore:
 
     def bucket_dir(self, bucket: str) -> Path:
         return self.root / self.provider / bucket
+
+    def missing(self, ref: ObjectRef) -> str:
+        """What is missing of a source head() did not find: its bucket, or the object."""
+        return ref.uri if self.bucket_dir(ref.bucket).is_dir() else bucket_uri(ref)
 
     def _path(self, ref: ObjectRef) -> str:
         """The file of ``ref`` as a path (LocalUpload.path); uses reach it by _key_directory().
@@ -3024,6 +3033,17 @@ class S3Store:
     def client(self, ref: ObjectRef) -> Any:
         return self.clients.get("s3", ref.region)
 
+    def missing(self, ref: ObjectRef) -> str:
+        """What is missing of a source head() did not find. A HEAD's 404 has no body to say
+        NoSuchKey or NoSuchBucket, so the bucket is asked; an answer other than its 404 (a 403
+        without s3:ListBucket, an outage) cannot tell, and the object is named as before."""
+        try:
+            self.client(ref).head_bucket(Bucket=ref.bucket)
+        except Exception as exc:  # noqa: BLE001 - it only chooses a message's words
+            if _aws_code(exc) in ("NoSuchBucket", "404"):
+                return bucket_uri(ref)
+        return ref.uri
+
     def head(self, ref: ObjectRef) -> ObjectInfo | None:
         try:
             with _translated(aws_error, "source"):
@@ -3742,6 +3762,19 @@ class GCSStore:
 
     def blob(self, ref: ObjectRef, generation: int | None = None) -> Any:
         return self.client.bucket(ref.bucket).blob(ref.key, generation=generation)
+
+    def missing(self, ref: ObjectRef) -> str:
+        """What is missing of a source head() did not find: the bucket when GCS answers 404 for
+        it; any other answer (403 without storage.buckets.get, an outage) names the object."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            self.client.get_bucket(ref.bucket, timeout=self.timeout, retry=None)
+        except gexc.NotFound:
+            return bucket_uri(ref)
+        except Exception:  # noqa: BLE001, S110 - it only chooses a message's words
+            pass
+        return ref.uri
 
     def head(self, ref: ObjectRef) -> ObjectInfo | None:
         with _translated(google_error, "source"):
@@ -5371,8 +5404,9 @@ class TransferEngine:
         that is refused: the common case of a new key costs one request less."""
         src_info = src.head(event.source)
         if src_info is None:
+            missing = getattr(src, "missing", lambda ref: ref.uri)  # a store that cannot tell
             raise PermanentError(
-                f"source {event.source.uri} does not exist", reason="source_not_found"
+                f"source {missing(event.source)} does not exist", reason="source_not_found"
             )
         large = src_info.size > dst.late_metadata_limit
         dst_info = dst.head(event.destination) if large else None
