@@ -414,6 +414,11 @@ class ObjectRef:
         return f"{URI_SCHEMES[self.provider]}://{self.bucket}/{self.key}"
 
 
+def bucket_uri(ref: ObjectRef) -> str:
+    """``bucket s3://b``: a missing source's bucket, named so that it is not read as a key."""
+    return f"bucket {URI_SCHEMES[ref.provider]}://{ref.bucket}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectInfo:
     """What a store knows about an object without reading it. ``version`` (ETag, generation, file
@@ -1169,6 +1174,10 @@ class LocalObjectStore:
 
     def bucket_dir(self, bucket: str) -> Path:
         return self.root / self.provider / bucket
+
+    def missing(self, ref: ObjectRef) -> str:
+        """What is missing of a source head() did not find: its bucket, or the object."""
+        return ref.uri if self.bucket_dir(ref.bucket).is_dir() else bucket_uri(ref)
 
     def _path(self, ref: ObjectRef) -> str:
         """The file of ``ref`` as a path (LocalUpload.path); uses reach it by _key_directory().
@@ -3024,6 +3033,17 @@ class S3Store:
     def client(self, ref: ObjectRef) -> Any:
         return self.clients.get("s3", ref.region)
 
+    def missing(self, ref: ObjectRef) -> str:
+        """What is missing of a source head() did not find. A HEAD's 404 has no body to say
+        NoSuchKey or NoSuchBucket, so the bucket is asked; an answer other than its 404 (a 403
+        without s3:ListBucket, an outage) cannot tell, and the object is named as before."""
+        try:
+            self.client(ref).head_bucket(Bucket=ref.bucket)
+        except Exception as exc:  # noqa: BLE001 - it only chooses a message's words
+            if _aws_code(exc) in ("NoSuchBucket", "404"):
+                return bucket_uri(ref)
+        return ref.uri
+
     def head(self, ref: ObjectRef) -> ObjectInfo | None:
         try:
             with _translated(aws_error, "source"):
@@ -3745,6 +3765,19 @@ class GCSStore:
 
     def blob(self, ref: ObjectRef, generation: int | None = None) -> Any:
         return self.client.bucket(ref.bucket).blob(ref.key, generation=generation)
+
+    def missing(self, ref: ObjectRef) -> str:
+        """What is missing of a source head() did not find: the bucket when GCS answers 404 for
+        it; any other answer (403 without storage.buckets.get, an outage) names the object."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            self.client.get_bucket(ref.bucket, timeout=self.timeout, retry=None)
+        except gexc.NotFound:
+            return bucket_uri(ref)
+        except Exception:  # noqa: BLE001, S110 - it only chooses a message's words
+            pass
+        return ref.uri
 
     def head(self, ref: ObjectRef) -> ObjectInfo | None:
         with _translated(google_error, "source"):
@@ -5399,8 +5432,9 @@ class TransferEngine:
         that is refused: the common case of a new key costs one request less."""
         src_info = src.head(event.source)
         if src_info is None:
+            missing = getattr(src, "missing", lambda ref: ref.uri)  # a store that cannot tell
             raise PermanentError(
-                f"source {event.source.uri} does not exist", reason="source_not_found"
+                f"source {missing(event.source)} does not exist", reason="source_not_found"
             )
         large = src_info.size > dst.late_metadata_limit
         dst_info = dst.head(event.destination) if large else None
@@ -7512,7 +7546,45 @@ def dead_letter_line(envelope: Mapping[str, Any]) -> dict[str, Any]:
     return {**envelope, **sides}
 
 
+# Every reason a dead letter can carry: the worker's (section 2's defaults, the reasons raised
+# above) and dlq's own. A --reason outside it matches nothing, so it is refused rather than
+# listing nothing and redriving nothing without a word (newcomer finding).
+DEAD_LETTER_REASONS = frozenset(
+    {
+        TransferError.default_reason,
+        PermanentError.default_reason,
+        InvalidEvent.default_reason,
+        UNVERIFIABLE,
+        UNREPRESENTABLE,
+        CONFLICT,
+        "access_denied",
+        "checksum_mismatch",
+        "dead_letter_too_large",
+        "destination_error",
+        "forbidden",
+        "invalid_key",
+        "message_too_large",
+        "queue_error",
+        "retries_exhausted",
+        "source_error",
+        "source_not_found",
+        "queue_delivery_limit",
+        MALFORMED_ENVELOPE,
+    }
+)
+
+
+def check_dlq_reasons(reasons: Sequence[str] | None) -> None:
+    unknown = sorted(set(reasons or ()) - DEAD_LETTER_REASONS)
+    if unknown:
+        raise ValueError(
+            f"unknown --reason {', '.join(unknown)}; the reasons are: "
+            + ", ".join(sorted(DEAD_LETTER_REASONS))
+        )
+
+
 def cmd_dlq(args: argparse.Namespace, config: Config) -> int:
+    check_dlq_reasons(args.reason)
     clients = CloudClients(config)
     dead = build_dead_letters(config, clients)
     target = None
