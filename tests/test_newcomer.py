@@ -36,7 +36,16 @@ TIMEOUT = 60.0
 
 def clean_env(**extra: str) -> dict[str, str]:
     """A user's shell: no settings of the worker, the clouds' SDKs or the emulators."""
-    prefixes = ("TRANSFER_WORKER_", "AWS_", "STORAGE_EMULATOR", "PUBSUB_", "CLOUDSDK_")
+    # MAKELEVEL, MAKEFLAGS, MFLAGS: under `make test` a child make would print "Entering directory".
+    prefixes = (
+        "TRANSFER_WORKER_",
+        "AWS_",
+        "STORAGE_EMULATOR",
+        "PUBSUB_",
+        "CLOUDSDK_",
+        "MAKE",
+        "MFLAGS",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     return {**env, **extra}
 
