@@ -5176,6 +5176,12 @@ def same_content(
     return not (recorded and recorded < _order(event))
 
 
+# Parts of a source's version that change with its metadata alone, never with its bytes: a GCS
+# metageneration grows at each metadata patch, and a duplicate after one was read and written
+# again (review of the GCS read-once change).
+METADATA_ONLY_REVISION = frozenset({"metageneration"})
+
+
 def _same_crc32c(dst: ObjectInfo, src: ObjectInfo | None, event: TransferEvent) -> bool:
     """The destination records the source's CRC32C, the event's source object and the very
     version of it planned now (its generation: GCS never reuses one for other bytes of one
@@ -5186,7 +5192,9 @@ def _same_crc32c(dst: ObjectInfo, src: ObjectInfo | None, event: TransferEvent) 
         return False
     crc = dst.recorded(META_CRC32C)
     same_version = all(
-        dst.recorded(META_SOURCE_ATTRIBUTE + name) == value for name, value in src.revision.items()
+        dst.recorded(META_SOURCE_ATTRIBUTE + name) == value
+        for name, value in src.revision.items()
+        if name not in METADATA_ONLY_REVISION
     )
     return bool(crc) and crc == src.checksums.get("crc32c") and same_version
 
